@@ -1,0 +1,65 @@
+"""The chatbot backend: a Flask app factory."""
+import logging
+import os
+
+import click
+from flask import Flask
+
+DEFAULTS = {
+    # Every setting, with its default; CHATBOT_<NAME> in the environment overrides it.
+    "LLM_URL": "http://127.0.0.1:8000",
+    "LLM_PROTOCOL": "midm",              # or "openai"
+    "LLM_MODEL": None,
+    "LLM_API_KEY": None,
+    "LLM_CONNECT_TIMEOUT": 5,
+    "LLM_FIRST_TOKEN_TIMEOUT": 120,
+    "LLM_IDLE_TIMEOUT": 60,
+    "LLM_CONNECT_RETRIES": 2,            # only for a refused connection, before anything was sent
+    "HEALTH_TIMEOUT": 2,
+    "SYSTEM_PROMPT": "You are a helpful assistant. Answer in the language the user writes in.",
+    "CONTEXT_MAX_TOKENS": 4096,
+    "DEFAULT_MAX_NEW_TOKENS": 512,
+    "MAX_NEW_TOKENS_LIMIT": 4096,
+    "DEFAULT_TEMPERATURE": 0.7,
+    "TEMPERATURE_LIMIT": 2.0,
+    "MAX_MESSAGE_CHARS": 16000,
+    "MAX_CONTENT_LENGTH": 1024 * 1024,   # bytes of a request body; larger gets 413
+    "SSE_KEEPALIVE": 15,
+}
+
+
+def create_app(test_config=None):
+    app = Flask(__name__, instance_relative_config=True)
+    app.config.update(DEFAULTS, DATABASE=os.path.join(app.instance_path, "chatbot.sqlite"))
+    app.config.from_prefixed_env("CHATBOT")
+    if test_config is not None:
+        app.config.update(test_config)
+    if app.config["LLM_PROTOCOL"] not in ("midm", "openai"):
+        raise ValueError("CHATBOT_LLM_PROTOCOL must be 'midm' or 'openai'")
+    app.json.ensure_ascii = False  # Korean stays readable in answers
+    app.json.sort_keys = False
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    from . import chat, db, errors, health, sessions
+    from .llm import Upstream
+
+    app.extensions["upstream"] = Upstream(app.config)
+    db.init_app(app)
+    errors.init_app(app)
+    for module in (sessions, chat, health):
+        app.register_blueprint(module.bp)
+
+    with app.app_context():
+        db.init_db(app.config["DATABASE"])  # idempotent: creates what is missing
+
+    @app.cli.command("dev-llm")
+    @click.option("--host", default="127.0.0.1")
+    @click.option("--port", default=8000, type=int)
+    @click.option("--delay", default=0.05, type=float, help="Seconds between streamed words.")
+    def dev_llm(host, port, delay):
+        """Run the stand-in LLM server (not a real model) for local work and tests."""
+        from .standin import run_standin
+        click.echo(f"Stand-in LLM server (NOT a real model) on http://{host}:{port}")
+        run_standin(host, port, delay)
+
+    return app

@@ -1,0 +1,102 @@
+"""Chat turns, framed as one JSON answer or a Server-Sent Events stream; stop."""
+import itertools
+import json
+import time
+
+from flask import Blueprint, Response, current_app, request
+
+from . import context, store
+from .db import get_db
+from .errors import ApiError, session_not_found
+from .generation import Turn, client_watcher
+from .models import ChatRequest, parse_body
+
+bp = Blueprint("chat", __name__, url_prefix="/api")
+
+
+def start_turn(body, stream, client_gone=None):
+    """Everything before the upstream is asked: checks, the stored user message, the context."""
+    cfg = current_app.config
+    conn = get_db()
+    if store.get_session(conn, body.session_id) is None:
+        raise session_not_found(body.session_id)
+    system_prompt, budget = cfg["SYSTEM_PROMPT"], cfg["CONTEXT_MAX_TOKENS"]
+    if not context.fits(system_prompt, body.message, budget):
+        raise ApiError(422, "validation_error", "The message does not fit the context budget.",
+                       errors=[{"field": "message", "detail": f"longer than the context budget of {budget} tokens"}])
+    ids = store.begin_turn(conn, body.session_id, body.message)
+    if ids is None:
+        raise ApiError(409, "generation_in_progress",
+                       "A reply is still being generated for this session; wait for it or stop it.")
+    messages = context.build(system_prompt, store.history(conn, body.session_id), budget)
+    return Turn(cfg, current_app.extensions["upstream"], body.session_id, *ids, messages,
+                body.options(), stream=stream, client_gone=client_gone)
+
+
+def turn_error(problem):
+    return ApiError(problem["status"], problem["code"], problem["detail"],
+                    message_id=problem["message"]["message_id"])
+
+
+@bp.post("/chat")
+def chat():
+    body = parse_body(ChatRequest)
+    turn = start_turn(body, stream=False, client_gone=client_watcher(request.environ))
+    for kind, value in turn.events():
+        if kind == "done":
+            return value
+        if kind == "error":
+            raise turn_error(value)
+
+
+@bp.post("/chat/stream")
+def chat_stream():
+    body = parse_body(ChatRequest)
+    turn = start_turn(body, stream=True, client_gone=client_watcher(request.environ))
+    events = turn.events()
+    # The upstream is asked before the response starts, so that a server that
+    # cannot be reached or refuses is a plain problem+json answer, not a stream.
+    first = next(e for e in events if e[0] != "idle")
+    if first[0] == "error":
+        raise turn_error(first[1])
+    return Response(sse(first, events, current_app.config["SSE_KEEPALIVE"]),
+                    mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse_event(event, data, event_id=None):
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
+
+
+def sse(first, events, keepalive):
+    """Frame a turn's events as Server-Sent Events."""
+    last_write, deltas = time.monotonic(), 0
+    try:
+        for kind, value in itertools.chain([first], events):
+            if kind == "idle":
+                if time.monotonic() - last_write < keepalive:
+                    continue
+                frame = b": keep-alive\n\n"
+            elif kind == "delta":
+                deltas += 1
+                frame = sse_event("delta", {"content": value}, deltas)
+            elif kind == "error":
+                frame = sse_event("error", {"code": value["code"], "detail": value["detail"],
+                                            "message_id": value["message"]["message_id"]})
+            else:  # start, done
+                frame = sse_event(kind, value)
+            last_write = time.monotonic()
+            yield frame
+    finally:
+        events.close()  # a client that left: the turn closes the upstream and stores the text
+
+
+@bp.post("/sessions/<session_id>/stop")
+def stop(session_id):
+    conn = get_db()
+    if store.get_session(conn, session_id) is None:
+        raise session_not_found(session_id)
+    if not store.request_stop(conn, session_id):
+        raise ApiError(409, "nothing_to_stop", "No reply is being generated for this session.")
+    return {"stopped": True}, 202

@@ -1,0 +1,42 @@
+"""What is sent upstream: system prompt, history, new message, within a token budget."""
+import math
+
+PER_MESSAGE_TOKENS = 4  # role markers and separators of a chat template
+
+
+def estimate_tokens(text):
+    """A deliberately high estimate of a text's token count, for any tokenizer.
+
+    English runs about 4 characters a token, so 3 over-counts it; a Hangul
+    syllable is 1 to 3 tokens depending on the vocabulary, so every non-ASCII
+    character counts as 2. Over-counting only trims history a little early;
+    under-counting would overflow the model's context.
+    """
+    ascii_chars = sum(1 for c in text if c < "\x80")
+    return math.ceil(ascii_chars / 3) + 2 * (len(text) - ascii_chars) + PER_MESSAGE_TOKENS
+
+
+def count_tokens(messages):
+    return sum(estimate_tokens(m["content"]) for m in messages)
+
+
+def fits(system_prompt, new_message, budget):
+    """Whether the system prompt and the new message alone fit the budget."""
+    return estimate_tokens(system_prompt) + estimate_tokens(new_message) <= budget
+
+
+def build(system_prompt, history, budget):
+    """[system] + as many of the latest `history` messages as fit the budget.
+
+    history ends with the new user message, which is always kept; older
+    messages are dropped whole, oldest first.
+    """
+    used = estimate_tokens(system_prompt) + estimate_tokens(history[-1]["content"])
+    kept = [history[-1]]
+    for message in reversed(history[:-1]):
+        used += estimate_tokens(message["content"])
+        if used > budget:
+            break
+        kept.append(message)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + kept[::-1]

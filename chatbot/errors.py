@@ -1,0 +1,66 @@
+"""Every error leaves as application/problem+json (RFC 9457) with a `code`."""
+import logging
+from http import HTTPStatus
+
+from flask import current_app
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Werkzeug's HTTP errors, renamed to the contract's codes.
+HTTP_CODES = {
+    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+    413: "payload_too_large", 415: "unsupported_media_type", 429: "rate_limited",
+}
+
+
+class ApiError(Exception):
+    """An error a view raises; the handler renders it as problem+json."""
+
+    def __init__(self, status, code, detail, errors=None, headers=None, **extra):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+        self.errors, self.headers, self.extra = errors, headers or {}, extra
+
+    def body(self):
+        body = {"type": "about:blank", "title": HTTPStatus(self.status).phrase,
+                "status": self.status, "detail": self.detail, "code": self.code}
+        if self.errors is not None:
+            body["errors"] = self.errors
+        return {**body, **self.extra}
+
+
+def problem(error):
+    response = current_app.json.response(error.body())
+    response.status_code = error.status
+    response.mimetype = "application/problem+json"
+    response.headers.update(error.headers)
+    return response
+
+
+def session_not_found(session_id):
+    return ApiError(404, "session_not_found", f"No session with id {session_id!r}.")
+
+
+def validation_error(pydantic_error):
+    errors = [
+        {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "detail": e["msg"]}
+        for e in pydantic_error.errors()
+    ]
+    return ApiError(422, "validation_error", "The request body is not valid.", errors=errors)
+
+
+def init_app(app):
+    app.register_error_handler(ApiError, problem)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        headers = dict(e.get_headers())
+        headers.pop("Content-Type", None)
+        return problem(ApiError(e.code, HTTP_CODES.get(e.code, "http_error"), e.description,
+                                headers=headers))
+
+    @app.errorhandler(Exception)
+    def unexpected(e):
+        log.exception("unhandled error")
+        return problem(ApiError(500, "internal_error", "An unexpected error occurred on the server."))

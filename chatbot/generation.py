@@ -1,0 +1,157 @@
+"""One chat turn, generated once and framed three ways (JSON, SSE, WebSocket).
+
+`Turn.events()` yields ("start", ids), ("delta", text), ("idle", None) while
+nothing arrives, and ends with ("done", message) or ("error", problem). A
+helper thread reads the upstream into a queue, so this loop stays free to
+notice a stop request, a client that left, or a timeout, and to close the
+upstream at once. Whatever ends the turn, the reply is stored in `finally`.
+"""
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+
+from . import context, db, store
+from .llm import UpstreamError, UpstreamTimeout
+
+TICK = 0.25             # how often the loop looks around while nothing arrives
+STOP_CHECK_SECONDS = 0.5
+CLIENT_GONE = {"code": "client_gone", "detail": "The client disconnected before the reply was finished."}
+
+
+class Turn:
+    def __init__(self, config, upstream, session_id, user_message_id, reply_id, messages, options,
+                 stream=True, client_gone=None):
+        self.config = config
+        self.session_id, self.user_message_id, self.reply_id = session_id, user_message_id, reply_id
+        self.messages = messages
+        self.call = upstream.call(messages, options, stream=stream)
+        self.client_gone = client_gone or (lambda: False)
+        self.queue = queue.Queue()
+        self.text = []
+        self.pieces = 0
+        self.usage = None
+        self.finish_reason = None
+        self.message = None   # the stored reply, once the turn is over
+
+    def _read_upstream(self):
+        try:
+            self.call.open()
+            self.queue.put(("opened", None))
+            for chunk in self.call.chunks():
+                self.queue.put(("chunk", chunk))
+            self.queue.put(("end", None))
+        except UpstreamError as e:
+            self.queue.put(("error", e))
+        except Exception as e:  # never let the loop wait forever on a dead reader
+            self.queue.put(("error", UpstreamError(f"Reading the LLM server failed: {type(e).__name__}")))
+
+    def events(self):
+        conn = db.connect(self.config["DATABASE"])
+        outcome = ("failed", None, {"code": "internal_error", "detail": "The reply could not be generated."})
+        threading.Thread(target=self._read_upstream, daemon=True, name="upstream-reader").start()
+        try:
+            outcome = yield from self._relay(conn)
+        except GeneratorExit:
+            # The server closed us: the client went away mid-stream.
+            outcome = ("incomplete", "client_gone", CLIENT_GONE)
+            raise
+        finally:
+            self.call.abort()
+            status, finish_reason, error = outcome
+            if status == "incomplete" and not self.text:
+                status = "failed"
+            self.message = store.finish_turn(conn, self.session_id, self.reply_id, "".join(self.text),
+                                             status, self._usage(), finish_reason, error)
+            conn.close()
+        if error:
+            yield "error", {**error, "status": outcome_status(error), "message": self.message}
+        else:
+            yield "done", self.message
+
+    def _relay(self, conn):
+        """Move chunks from the reader to the caller; return (status, finish_reason, error)."""
+        cfg = self.config
+        started = time.monotonic()
+        last_text = None        # monotonic time of the latest piece of text
+        next_check = started + STOP_CHECK_SECONDS
+        next_heartbeat = started + store.HEARTBEAT_SECONDS
+        try:
+            while True:
+                try:
+                    kind, value = self.queue.get(timeout=TICK)
+                except queue.Empty:
+                    kind, value = "idle", None
+                if kind == "error":
+                    raise value
+                if kind == "opened":
+                    yield "start", {"session_id": self.session_id, "user_message_id": self.user_message_id,
+                                    "message_id": self.reply_id}
+                elif kind == "chunk":
+                    self.usage = value.usage or self.usage
+                    self.finish_reason = value.finish_reason or self.finish_reason
+                    if value.text:
+                        self.text.append(value.text)
+                        self.pieces += 1
+                        last_text = time.monotonic()
+                        yield "delta", value.text
+                elif kind == "end":
+                    return "complete", self.finish_reason or "stop", None
+                else:
+                    yield "idle", None
+
+                now = time.monotonic()
+                if last_text is None and now - started > cfg["LLM_FIRST_TOKEN_TIMEOUT"]:
+                    raise UpstreamTimeout(
+                        f"The LLM server sent no text within {cfg['LLM_FIRST_TOKEN_TIMEOUT']:g} s.")
+                if last_text is not None and now - last_text > cfg["LLM_IDLE_TIMEOUT"]:
+                    raise UpstreamTimeout(
+                        f"The LLM server was silent for more than {cfg['LLM_IDLE_TIMEOUT']:g} s.")
+                if now >= next_heartbeat:
+                    next_heartbeat = now + store.HEARTBEAT_SECONDS
+                    store.heartbeat(conn, self.session_id, self.reply_id, "".join(self.text))
+                if now >= next_check:
+                    next_check = now + STOP_CHECK_SECONDS
+                    if store.stop_requested(conn, self.reply_id):
+                        return "incomplete", "stopped", None
+                    if self.client_gone():
+                        return "incomplete", "client_gone", CLIENT_GONE
+        except UpstreamError as e:
+            status = "incomplete" if self.text else "failed"
+            return status, None, {"code": e.code, "detail": e.detail}
+
+    def _usage(self):
+        """The upstream's usage when it gave one, else our estimate (marked as such)."""
+        if self.usage or not self.text:
+            return self.usage
+        prompt = context.count_tokens(self.messages)
+        completion = self.pieces if self.call.stream else context.estimate_tokens("".join(self.text))
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion, "estimated": True}
+
+
+def outcome_status(error):
+    """The HTTP status that goes with an error code of a turn."""
+    return {"upstream_unavailable": 503, "upstream_timeout": 504}.get(error["code"], 502)
+
+
+def client_watcher(environ):
+    """A function that tells whether the HTTP client has closed its connection.
+
+    A WSGI app otherwise learns it only when a write fails, which during a long
+    upstream silence can take a minute of wasted generation. gunicorn and
+    werkzeug hand us the client socket; a zero-byte peek means it closed.
+    """
+    sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if sock is None or isinstance(sock, ssl.SSLSocket):
+        return None
+
+    def gone():
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+    return gone

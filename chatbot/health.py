@@ -1,0 +1,24 @@
+"""GET /api/health: the database and the LLM server, each with its latency."""
+import sqlite3
+import time
+
+from flask import Blueprint, current_app
+
+from .db import get_db
+
+bp = Blueprint("health", __name__, url_prefix="/api")
+
+
+@bp.get("/health")
+def health():
+    started = time.monotonic()
+    try:
+        get_db().execute("SELECT count(*) FROM sessions").fetchone()
+        database = {"ok": True}
+    except sqlite3.Error as e:
+        database = {"ok": False, "error": str(e)}
+    database["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
+    llm = current_app.extensions["upstream"].health()
+    if not database["ok"]:
+        return {"status": "unavailable", "database": database, "llm": llm}, 503
+    return {"status": "ok" if llm["ok"] else "degraded", "database": database, "llm": llm}

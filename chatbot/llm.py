@@ -1,0 +1,282 @@
+"""The upstream LLM server: one client, two small protocol adapters.
+
+`Upstream.call(...)` returns a `Call` whose `chunks()` yields `Chunk`s as the
+network delivers them, for either protocol, streamed or not. Every failure
+becomes one of three typed errors. `Call.abort()` (from any thread) closes the
+connection, which is how a client that left or a stop request reaches the
+upstream.
+"""
+import codecs
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import requests
+import urllib3
+
+READ_SIZE = 65536
+
+
+class UpstreamError(Exception):
+    status, code = 502, "upstream_error"
+
+    def __init__(self, detail):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, code = 503, "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code = 504, "upstream_timeout"
+
+
+class UpstreamCut(UpstreamError):
+    """The stream broke off mid-answer: the reply is incomplete."""
+
+
+@dataclass
+class Chunk:
+    text: str = ""
+    usage: Optional[dict] = None
+    finish_reason: Optional[str] = None
+
+
+# --- the two protocols -------------------------------------------------------
+
+TEXT_FIELDS = ("token", "content", "text", "delta", "response")
+
+
+def _openai_chunk(obj):
+    choices = obj.get("choices") or []
+    choice = choices[0] if choices else {}
+    delta = choice.get("delta") or choice.get("message") or {}
+    return Chunk(delta.get("content") or "", obj.get("usage"), choice.get("finish_reason"))
+
+
+def _error_detail(error):
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("detail") or error)
+    return str(error)
+
+
+def parse_event(data):
+    """One SSE `data:` payload (either protocol) -> a Chunk, or None for [DONE].
+
+    midm_LLM_serving's event shape is not fixed, so accept every common one: a
+    JSON object with the text under one of TEXT_FIELDS, an OpenAI chunk, a JSON
+    string, or plain text.
+    """
+    if data.strip() == "[DONE]":
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return Chunk(data)
+    if not isinstance(obj, dict):
+        return Chunk(obj if isinstance(obj, str) else data)
+    if obj.get("error"):
+        raise UpstreamError(f"The LLM server reported an error: {_error_detail(obj['error'])}")
+    if "choices" in obj:
+        return _openai_chunk(obj)
+    text = next((obj[k] for k in TEXT_FIELDS if isinstance(obj.get(k), str)), "")
+    return Chunk(text, obj.get("usage"), obj.get("finish_reason"))
+
+
+def parse_whole(protocol, obj):
+    """A non-streamed answer -> one Chunk."""
+    if not isinstance(obj, dict):
+        raise UpstreamError("The LLM server answered with an unexpected body.")
+    if obj.get("error"):
+        raise UpstreamError(f"The LLM server reported an error: {_error_detail(obj['error'])}")
+    if protocol == "openai":
+        chunk = _openai_chunk(obj)
+    else:
+        chunk = Chunk(obj.get("response"), obj.get("usage"), obj.get("finish_reason") or "stop")
+    if not isinstance(chunk.text, str):
+        raise UpstreamError("The LLM server's answer has no text.")
+    return chunk
+
+
+def sse_data(read):
+    """Yield the `data` of each Server-Sent Event from `read()` (bytes, b"" at the end).
+
+    Decodes UTF-8 incrementally, so a character split across two network reads
+    is joined, and yields each event as soon as its blank line arrives.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    buffer, data = "", []
+    while True:
+        raw = read()
+        buffer += decoder.decode(raw, final=not raw)
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            line = line.removesuffix("\r")
+            if not line:
+                if data:
+                    yield "\n".join(data)
+                    data = []
+            elif line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+            # comments (":") and other fields (event:, id:, retry:) carry no text
+        if not raw:
+            if buffer.startswith("data:"):
+                data.append(buffer[5:].removeprefix(" "))
+            if data:  # a last event without its blank line
+                yield "\n".join(data)
+            return
+
+
+# --- the client ---------------------------------------------------------------
+
+class Upstream:
+    def __init__(self, config):
+        self.url = config["LLM_URL"].rstrip("/")
+        self.protocol = config["LLM_PROTOCOL"]
+        self.model = config["LLM_MODEL"]
+        self.api_key = config["LLM_API_KEY"]
+        self.connect_timeout = float(config["LLM_CONNECT_TIMEOUT"])
+        self.first_token_timeout = float(config["LLM_FIRST_TOKEN_TIMEOUT"])
+        self.retries = int(config["LLM_CONNECT_RETRIES"])
+        self.health_timeout = float(config["HEALTH_TIMEOUT"])
+
+    def headers(self):
+        headers = {"Accept-Encoding": "identity"}  # compressed SSE would be held back
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def request(self, messages, options, stream):
+        """(url, json body) for one chat request."""
+        if self.protocol == "openai":
+            body = {"messages": messages, "stream": stream,
+                    "max_tokens": options["max_new_tokens"], "temperature": options["temperature"]}
+            if self.model:
+                body["model"] = self.model
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            return f"{self.url}/v1/chat/completions", body
+        body = {"messages": messages, **options}
+        return f"{self.url}/chat/stream" if stream else f"{self.url}/chat", body
+
+    def call(self, messages, options, stream=True):
+        return Call(self, messages, options, stream)
+
+    def health(self):
+        """Ask the upstream's health endpoint; never waits longer than health_timeout."""
+        path = "/v1/models" if self.protocol == "openai" else "/health"
+        started = time.monotonic()
+        result = {"url": self.url, "protocol": self.protocol}
+        try:
+            r = requests.get(self.url + path, headers=self.headers(), timeout=self.health_timeout)
+            result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
+            body = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
+            result["ok"] = r.ok and body.get("model_loaded", True) is not False
+            result["status_code"] = r.status_code
+            if isinstance(body, dict) and body.get("standin"):
+                result["standin"] = True
+        except requests.RequestException as e:
+            result.update(ok=False, latency_ms=None, error=type(e).__name__)
+        return result
+
+
+class Call:
+    """One chat request upstream: open() then chunks() in one thread, abort() in any."""
+
+    def __init__(self, upstream, messages, options, stream):
+        self.upstream, self.stream = upstream, stream
+        self.url, self.body = upstream.request(messages, options, stream)
+        self._lock = threading.Lock()
+        self._response = None
+        self._aborted = False
+
+    def _post(self):
+        up = self.upstream
+        timeout = (up.connect_timeout, up.first_token_timeout)
+        for attempt in range(up.retries + 1):
+            try:
+                return requests.post(self.url, json=self.body, headers=up.headers(),
+                                     stream=True, timeout=timeout)
+            except requests.ConnectTimeout:
+                raise UpstreamTimeout(f"Connecting to the LLM server took longer than {up.connect_timeout:g} s.")
+            except requests.ConnectionError as e:
+                # Nothing was sent yet, so a refused connection is safe to retry.
+                if attempt == up.retries or self._aborted or isinstance(e.args[0], urllib3.exceptions.ProtocolError):
+                    raise UpstreamUnavailable(f"The LLM server at {up.url} cannot be reached.")
+                time.sleep(0.25 * 2 ** attempt)
+            except requests.ReadTimeout:
+                raise UpstreamTimeout("The LLM server did not answer in time.")
+
+    def _check_status(self, r):
+        if r.ok:
+            return
+        try:
+            body = r.json()
+            detail = _error_detail(body.get("error") or body.get("detail") or body)
+        except ValueError:
+            detail = r.text[:300].strip() or r.reason
+        error = {503: UpstreamUnavailable, 504: UpstreamTimeout, 408: UpstreamTimeout}.get(
+            r.status_code, UpstreamError)
+        raise error(f"The LLM server answered {r.status_code}: {detail}")
+
+    def open(self):
+        """Send the request; returns once the upstream accepted it (status 2xx)."""
+        r = self._post()
+        with self._lock:
+            self._response = r
+        try:
+            self._check_status(r)
+        except UpstreamError:
+            r.close()
+            raise
+
+    def chunks(self):
+        """Yield the answer's Chunks as they arrive (after open())."""
+        r = self._response
+        try:
+            if not self.stream:
+                try:
+                    body = r.json()
+                except ValueError:
+                    raise UpstreamError("The LLM server's answer is not JSON.") from None
+                yield parse_whole(self.upstream.protocol, body)
+                return
+            finished = False
+            for data in sse_data(lambda: r.raw.read1(READ_SIZE)):
+                chunk = parse_event(data)
+                if chunk is None:
+                    finished = True
+                    break
+                finished = finished or chunk.finish_reason is not None
+                yield chunk
+            if self.upstream.protocol == "openai" and not finished:
+                # e.g. llama.cpp ends an interrupted stream with [DONE] but no finish_reason
+                raise UpstreamCut("The LLM server ended the stream without a finish_reason.")
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+            if self._aborted:
+                return
+            if isinstance(e, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, socket.timeout)):
+                raise UpstreamTimeout("The LLM server stopped sending in time.") from None
+            raise UpstreamCut("The LLM server broke off the answer.") from None
+        finally:
+            r.close()
+
+    def abort(self):
+        """Close the upstream connection now, waking a read blocked on it."""
+        with self._lock:
+            self._aborted = True
+            r = self._response
+        if r is None:
+            return
+        conn = getattr(r.raw, "connection", None)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

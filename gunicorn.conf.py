@@ -1,0 +1,28 @@
+"""gunicorn settings. Each open stream holds one thread for its whole length,
+so workers x threads is the number of streams that can run at once."""
+import os
+
+bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:5000")
+worker_class = "gthread"
+workers = int(os.environ.get("CHATBOT_WORKERS", "2"))
+threads = int(os.environ.get("CHATBOT_THREADS", "128"))
+# With gthread, `timeout` is a heartbeat of each worker's main loop, not a limit
+# on a request: a long stream is never cut by it.
+timeout = 30
+graceful_timeout = int(os.environ.get("CHATBOT_GRACEFUL_TIMEOUT", "30"))
+keepalive = 5
+accesslog = "-"
+wsgi_app = "wsgi:app"
+
+
+def child_exit(server, worker):
+    """A worker died (or was killed): release the sessions it was replying in,
+    so they accept a new chat at once, and keep the text it had stored."""
+    from chatbot import db, store
+    from wsgi import app
+
+    conn = db.connect(app.config["DATABASE"])
+    try:
+        store.recover_dead_generations(conn, pid=worker.pid)
+    finally:
+        conn.close()
