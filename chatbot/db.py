@@ -5,6 +5,9 @@ import sqlite3
 import click
 from flask import current_app, g
 
+from .migrations import migrate
+from .store import recover_dead_generations
+
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -37,14 +40,14 @@ def close_db(e=None):
 
 
 def init_db(path):
-    """Create missing tables (schema.sql is idempotent) and recover replies left
-    pending by a worker process that died."""
+    """Create missing tables (schema.sql is idempotent), apply pending
+    migrations, and recover replies left pending by a worker process that died."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     schema = current_app.open_resource("../schema.sql").read().decode("utf-8")
     conn = connect(path)
     try:
         conn.executescript(schema)
-        from .store import recover_dead_generations
+        migrate(conn)
         recover_dead_generations(conn)
     finally:
         conn.close()

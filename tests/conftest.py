@@ -1,0 +1,183 @@
+"""Fixtures: an app on its own SQLite file, and real server processes on loopback
+(the project's stand-in LLM, and gunicorn running the service) for the tests
+whose behaviour is about HTTP streaming."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from chatbot import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url, proc, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Process:
+    def __init__(self, args, url, health_path, env=None):
+        self.url = url
+        self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until_up(url + health_path, self.proc)
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+def start_standin(delay=0.01):
+    port = free_port()
+    return Process([sys.executable, "-m", "chatbot.standin", "--port", str(port), "--delay", str(delay)],
+                   f"http://127.0.0.1:{port}", "/health")
+
+
+@pytest.fixture(scope="session")
+def standin():
+    """The stand-in LLM server (a real process on loopback), shared by the session."""
+    server = start_standin()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def standin_log(standin):
+    """The stand-in's log of the requests it received (cleared for each test)."""
+    requests.delete(standin + "/_standin/requests")
+
+    def read():
+        return requests.get(standin + "/_standin/requests").json()["requests"]
+    return read
+
+
+@pytest.fixture
+def app(tmp_path, standin):
+    return create_app({"TESTING": True, "DATABASE": str(tmp_path / "test.sqlite"), "LLM_URL": standin})
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def session_id(client):
+    return client.post("/api/sessions").json["session_id"]
+
+
+class Gunicorn(Process):
+    def __init__(self, db_path, env):
+        port = free_port()
+        self.db_path = db_path
+        env = {"CHATBOT_BIND": f"127.0.0.1:{port}", "CHATBOT_DATABASE": str(db_path), **env}
+        super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+                         f"http://127.0.0.1:{port}", "/api/health", env)
+
+    def new_session(self):
+        return requests.post(self.url + "/api/sessions").json()["session_id"]
+
+
+@pytest.fixture
+def start_server(tmp_path, standin):
+    """start_server(**env) -> a gunicorn process running the service (stopped at teardown).
+
+    env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1").
+    """
+    servers = []
+
+    def start(**env):
+        env = {"CHATBOT_LLM_URL": standin, "CHATBOT_WORKERS": "2", "CHATBOT_THREADS": "16", **env}
+        servers.append(Gunicorn(tmp_path / f"live{len(servers)}.sqlite", env))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+class SSEStream:
+    """A streaming POST read the way a client reads it: raw bytes off the socket
+    as they arrive, split into events. Each event is (name, data, arrival time)."""
+
+    def __init__(self, base_url, path, body, headers=None):
+        parts = urlsplit(base_url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        self.conn.request("POST", path, body=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json", **(headers or {})})
+        self.response = self.conn.getresponse()
+        self.status = self.response.status
+        self.headers = self.response.headers
+        self.raw = b""        # every byte of the body, as received
+        self._buffer = b""
+
+    def events(self):
+        while True:
+            while b"\n\n" not in self._buffer:
+                data = self.response.read1(65536)
+                if not data:
+                    return
+                self.raw += data
+                self._buffer += data
+            block, self._buffer = self._buffer.split(b"\n\n", 1)
+            fields = dict(line.split(": ", 1) for line in block.decode().split("\n") if not line.startswith(":"))
+            if "event" in fields:
+                yield fields["event"], json.loads(fields["data"]), time.monotonic()
+            else:
+                yield "comment", block.decode(), time.monotonic()
+
+    def close(self):
+        self.conn.sock.shutdown(socket.SHUT_RDWR)
+        self.conn.close()
+
+
+def wait_for(predicate, timeout=5, interval=0.05):
+    """Poll until predicate() is truthy; return its value (or the last one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
