@@ -5,7 +5,10 @@ import os
 bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:5000")
 worker_class = "gthread"
 workers = int(os.environ.get("CHATBOT_WORKERS", "2"))
-threads = int(os.environ.get("CHATBOT_THREADS", "128"))
+threads = int(os.environ.get("CHATBOT_THREADS", "256"))
+# A worker takes no more connections than it has threads: the rest wait in the
+# listen queue for a worker with a free thread, instead of starving in this one.
+worker_connections = threads
 # With gthread, `timeout` is a heartbeat of each worker's main loop, not a limit
 # on a request: a long stream is never cut by it.
 timeout = 30

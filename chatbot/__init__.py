@@ -29,7 +29,7 @@ DEFAULTS = {
 
 
 def create_app(test_config=None):
-    app = Flask(__name__, instance_relative_config=True)
+    app = Flask(__name__, instance_relative_config=True, static_folder=None)
     app.config.update(DEFAULTS, DATABASE=os.path.join(app.instance_path, "chatbot.sqlite"))
     app.config.from_prefixed_env("CHATBOT")
     if test_config is not None:
@@ -40,14 +40,15 @@ def create_app(test_config=None):
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    from . import chat, db, errors, health, sessions
+    from . import chat, db, errors, health, sessions, ws
     from .llm import Upstream
 
     app.extensions["upstream"] = Upstream(app.config)
     db.init_app(app)
     errors.init_app(app)
-    for module in (sessions, chat, health):
+    for module in (sessions, chat, health, ws):
         app.register_blueprint(module.bp)
+    ws.sock.init_app(app)
 
     with app.app_context():
         db.init_db(app.config["DATABASE"])  # idempotent: creates what is missing

@@ -229,6 +229,10 @@ class Call:
         r = self._post()
         with self._lock:
             self._response = r
+            aborted = self._aborted
+        if aborted:  # the turn ended while we waited for the answer's headers
+            r.close()
+            raise UpstreamCut("The request was aborted.")
         try:
             self._check_status(r)
         except UpstreamError:
@@ -271,12 +275,8 @@ class Call:
         with self._lock:
             self._aborted = True
             r = self._response
-        if r is None:
-            return
-        conn = getattr(r.raw, "connection", None)
-        sock = getattr(conn, "sock", None)
-        if sock is not None:
+        if r is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+                r.raw.shutdown()  # shuts the socket down: the blocked read returns, chunks() closes it
+            except (ValueError, RuntimeError, OSError):
+                pass  # already finished and released

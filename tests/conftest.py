@@ -26,15 +26,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_until_up(url, proc, timeout=20):
+def wait_until_up(url, proc, timeout=30):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            requests.get(url, timeout=1)
+            requests.get(url, timeout=5)
             return
-        except requests.ConnectionError:
+        except requests.RequestException:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up")
 
@@ -115,18 +115,23 @@ class Gunicorn(Process):
     def new_session(self):
         return requests.post(self.url + "/api/sessions").json()["session_id"]
 
+    def get(self, path):
+        return requests.get(self.url + path).json()
+
 
 @pytest.fixture
 def start_server(tmp_path, standin):
-    """start_server(**env) -> a gunicorn process running the service (stopped at teardown).
+    """start_server(db_path=None, **env) -> a gunicorn process running the service
+    (stopped at teardown). Two servers given one db_path share a database, as the
+    worker processes of one server do.
 
     env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1").
     """
     servers = []
 
-    def start(**env):
+    def start(db_path=None, **env):
         env = {"CHATBOT_LLM_URL": standin, "CHATBOT_WORKERS": "2", "CHATBOT_THREADS": "16", **env}
-        servers.append(Gunicorn(tmp_path / f"live{len(servers)}.sqlite", env))
+        servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", env))
         return servers[-1]
     yield start
     for server in servers:
