@@ -18,6 +18,7 @@ from .llm import UpstreamError, UpstreamTimeout
 
 TICK = 0.25             # how often the loop looks around while nothing arrives
 STOP_CHECK_SECONDS = 0.5
+STOPPED_BEFORE_TEXT = {"code": "stopped", "detail": "The reply was stopped before any text arrived."}
 CLIENT_GONE = {"code": "client_gone", "detail": "The client disconnected before the reply was finished."}
 
 
@@ -61,10 +62,12 @@ class Turn:
         finally:
             self.call.abort()
             status, finish_reason, error = outcome
+            stored_error = error
             if status == "incomplete" and not self.text:
-                status = "failed"
+                # A reply with no text is failed, whatever ended it, and says why.
+                status, stored_error = "failed", error or STOPPED_BEFORE_TEXT
             self.message = store.finish_turn(conn, self.session_id, self.reply_id, "".join(self.text),
-                                             status, self._usage(), finish_reason, error)
+                                             status, self._usage(), finish_reason, stored_error)
             conn.close()
         if error:
             yield "error", {**error, "status": outcome_status(error), "message": self.message}

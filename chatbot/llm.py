@@ -250,15 +250,14 @@ class Call:
                     raise UpstreamError("The LLM server's answer is not JSON.") from None
                 yield parse_whole(self.upstream.protocol, body)
                 return
-            finished = False
+            finish_reason = None
             for data in sse_data(lambda: r.raw.read1(READ_SIZE)):
                 chunk = parse_event(data)
                 if chunk is None:
-                    finished = True
                     break
-                finished = finished or chunk.finish_reason is not None
+                finish_reason = chunk.finish_reason or finish_reason
                 yield chunk
-            if self.upstream.protocol == "openai" and not finished:
+            if self.upstream.protocol == "openai" and finish_reason is None:
                 # e.g. llama.cpp ends an interrupted stream with [DONE] but no finish_reason
                 raise UpstreamCut("The LLM server ended the stream without a finish_reason.")
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
