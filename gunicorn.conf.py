@@ -1,6 +1,8 @@
 """gunicorn settings. Each open stream holds one thread for its whole length,
 so workers x threads is the number of streams that can run at once."""
 import os
+import signal
+import threading
 
 bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:5000")
 worker_class = "gthread"
@@ -29,3 +31,20 @@ def child_exit(server, worker):
         store.recover_dead_generations(conn, pid=worker.pid)
     finally:
         conn.close()
+
+
+def post_worker_init(worker):
+    """On a graceful stop (SIGTERM, or SIGHUP to the master), answers still
+    running shortly before the graceful timeout are ended by us, stored as
+    incomplete and closed with a `done` event, before gunicorn kills the worker."""
+    from chatbot.generation import SHUTDOWN
+
+    gunicorn_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        timer = threading.Timer(max(graceful_timeout - 2, 0.5), SHUTDOWN.set)
+        timer.daemon = True
+        timer.start()
+        gunicorn_handler(signum, frame)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.siginterrupt(signal.SIGTERM, False)

@@ -18,6 +18,9 @@ from .llm import UpstreamError, UpstreamTimeout
 
 TICK = 0.25             # how often the loop looks around while nothing arrives
 STOP_CHECK_SECONDS = 0.5
+# Set by the gunicorn worker shortly before a graceful stop would kill it
+# (gunicorn.conf.py): running turns end as incomplete and say so.
+SHUTDOWN = threading.Event()
 STOPPED_BEFORE_TEXT = {"code": "stopped", "detail": "The reply was stopped before any text arrived."}
 CLIENT_GONE = {"code": "client_gone", "detail": "The client disconnected before the reply was finished."}
 
@@ -119,6 +122,8 @@ class Turn:
                     next_check = now + STOP_CHECK_SECONDS
                     if store.stop_requested(conn, self.reply_id):
                         return "incomplete", "stopped", None
+                    if SHUTDOWN.is_set():
+                        return "incomplete", "shutdown", None
                     if self.client_gone():
                         return "incomplete", "client_gone", CLIENT_GONE
         except UpstreamError as e:
