@@ -34,6 +34,27 @@ def child_exit(server, worker):
 
 
 def post_worker_init(worker):
+    start_all_threads(worker)
+    end_answers_before_graceful_timeout(worker)
+
+
+def start_all_threads(worker):
+    """Start every thread of the worker's pool now.
+
+    ThreadPoolExecutor starts threads lazily and counts a thread idle again after
+    each task it finishes, so after a burst of short requests it believes it has
+    idle threads it does not have: new requests then queue behind running
+    streams (a stream would wait for another to end) although the pool is far
+    from its size. With every thread started, a free thread always takes the
+    next request.
+    """
+    barrier = threading.Barrier(threads + 1)
+    for _ in range(threads):
+        worker.tpool.submit(barrier.wait)
+    barrier.wait(timeout=30)
+
+
+def end_answers_before_graceful_timeout(worker):
     """On a graceful stop (SIGTERM, or SIGHUP to the master), answers still
     running shortly before the graceful timeout are ended by us, stored as
     incomplete and closed with a `done` event, before gunicorn kills the worker."""

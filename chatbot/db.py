@@ -8,7 +8,7 @@ from flask import current_app, g
 from .migrations import migrate
 from .store import recover_dead_generations
 
-BUSY_TIMEOUT_MS = 5000
+BUSY_TIMEOUT_MS = 15000
 
 
 def connect(path):

@@ -1,5 +1,6 @@
 """Every error leaves as application/problem+json (RFC 9457) with a `code`."""
 import logging
+import sqlite3
 from http import HTTPStatus
 
 from flask import current_app
@@ -59,6 +60,14 @@ def init_app(app):
         headers.pop("Content-Type", None)
         return problem(ApiError(e.code, HTTP_CODES.get(e.code, "http_error"), e.description,
                                 headers=headers))
+
+    @app.errorhandler(sqlite3.OperationalError)
+    def database_busy(e):
+        if "locked" not in str(e) and "busy" not in str(e):
+            return unexpected(e)
+        log.warning("database busy: %s", e)
+        return problem(ApiError(503, "database_busy", "The database is busy; try again in a moment.",
+                                headers={"Retry-After": "1"}))
 
     @app.errorhandler(Exception)
     def unexpected(e):

@@ -6,15 +6,20 @@ helper thread reads the upstream into a queue, so this loop stays free to
 notice a stop request, a client that left, or a timeout, and to close the
 upstream at once. Whatever ends the turn, the reply is stored in `finally`.
 """
+import logging
+import os
 import queue
 import select
 import socket
+import sqlite3
 import ssl
 import threading
 import time
 
 from . import context, db, store
 from .llm import UpstreamError, UpstreamTimeout
+
+log = logging.getLogger(__name__)
 
 TICK = 0.25             # how often the loop looks around while nothing arrives
 STOP_CHECK_SECONDS = 0.5
@@ -39,6 +44,7 @@ class Turn:
         self.usage = None
         self.finish_reason = None
         self.message = None   # the stored reply, once the turn is over
+        self.stop = threading.Event()  # set by a stop request (see Monitor) or a WebSocket stop frame
 
     def _read_upstream(self):
         try:
@@ -53,37 +59,40 @@ class Turn:
             self.queue.put(("error", UpstreamError(f"Reading the LLM server failed: {type(e).__name__}")))
 
     def events(self):
-        conn = db.connect(self.config["DATABASE"])
         outcome = ("failed", None, {"code": "internal_error", "detail": "The reply could not be generated."})
         threading.Thread(target=self._read_upstream, daemon=True, name="upstream-reader").start()
+        MONITOR.add(self)
         try:
-            outcome = yield from self._relay(conn)
+            outcome = yield from self._relay()
         except GeneratorExit:
             # The server closed us: the client went away mid-stream.
             outcome = ("incomplete", "client_gone", CLIENT_GONE)
             raise
         finally:
             self.call.abort()
+            MONITOR.remove(self)
             status, finish_reason, error = outcome
             stored_error = error
             if status == "incomplete" and not self.text:
                 # A reply with no text is failed, whatever ended it, and says why.
                 status, stored_error = "failed", error or STOPPED_BEFORE_TEXT
-            self.message = store.finish_turn(conn, self.session_id, self.reply_id, "".join(self.text),
-                                             status, self._usage(), finish_reason, stored_error)
-            conn.close()
+            conn = db.connect(self.config["DATABASE"])
+            try:
+                self.message = store.finish_turn(conn, self.session_id, self.reply_id, "".join(self.text),
+                                                 status, self._usage(), finish_reason, stored_error)
+            finally:
+                conn.close()
         if error:
             yield "error", {**error, "status": outcome_status(error), "message": self.message}
         else:
             yield "done", self.message
 
-    def _relay(self, conn):
+    def _relay(self):
         """Move chunks from the reader to the caller; return (status, finish_reason, error)."""
         cfg = self.config
         started = time.monotonic()
         last_text = None        # monotonic time of the latest piece of text
         next_check = started + STOP_CHECK_SECONDS
-        next_heartbeat = started + store.HEARTBEAT_SECONDS
         try:
             while True:
                 try:
@@ -115,15 +124,12 @@ class Turn:
                 if last_text is not None and now - last_text > cfg["LLM_IDLE_TIMEOUT"]:
                     raise UpstreamTimeout(
                         f"The LLM server was silent for more than {cfg['LLM_IDLE_TIMEOUT']:g} s.")
-                if now >= next_heartbeat:
-                    next_heartbeat = now + store.HEARTBEAT_SECONDS
-                    store.heartbeat(conn, self.session_id, self.reply_id, "".join(self.text))
+                if self.stop.is_set():
+                    return "incomplete", "stopped", None
+                if SHUTDOWN.is_set():
+                    return "incomplete", "shutdown", None
                 if now >= next_check:
                     next_check = now + STOP_CHECK_SECONDS
-                    if store.stop_requested(conn, self.reply_id):
-                        return "incomplete", "stopped", None
-                    if SHUTDOWN.is_set():
-                        return "incomplete", "shutdown", None
                     if self.client_gone():
                         return "incomplete", "client_gone", CLIENT_GONE
         except UpstreamError as e:
@@ -138,6 +144,58 @@ class Turn:
         completion = self.pieces if self.call.stream else context.estimate_tokens("".join(self.text))
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion, "estimated": True}
+
+
+class Monitor:
+    """One thread per worker process looks after all its running turns: it
+    reads their stop requests (from any process, via the database) and saves
+    their heartbeat and partial text, one query for all of them at a time.
+    Per-turn queries would make hundreds of streams queue for SQLite's single
+    writer."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.turns = {}
+        self.pid = None
+
+    def add(self, turn):
+        with self.lock:
+            self.turns[turn.reply_id] = turn
+            if self.pid != os.getpid():  # first turn of this (possibly forked) process
+                self.pid = os.getpid()
+                threading.Thread(target=self._run, daemon=True, name="turn-monitor").start()
+
+    def remove(self, turn):
+        with self.lock:
+            self.turns.pop(turn.reply_id, None)
+
+    def _run(self):
+        connections = {}   # a test process may serve several databases
+        next_heartbeat = time.monotonic() + store.HEARTBEAT_SECONDS
+        while True:
+            time.sleep(STOP_CHECK_SECONDS)
+            heartbeat = time.monotonic() >= next_heartbeat
+            if heartbeat:
+                next_heartbeat = time.monotonic() + store.HEARTBEAT_SECONDS
+            with self.lock:
+                turns = list(self.turns.values())
+            by_database = {}
+            for turn in turns:
+                by_database.setdefault(turn.config["DATABASE"], []).append(turn)
+            for path, group in by_database.items():
+                try:
+                    conn = connections.get(path) or connections.setdefault(path, db.connect(path))
+                    stopped = store.stop_requests(conn, {t.session_id for t in group})
+                    for turn in group:
+                        if turn.session_id in stopped:
+                            turn.stop.set()
+                    if heartbeat:
+                        store.heartbeat(conn, [(t.session_id, t.reply_id, "".join(t.text)) for t in group])
+                except sqlite3.Error:
+                    log.exception("turn monitor: database error (will retry)")
+
+
+MONITOR = Monitor()
 
 
 def outcome_status(error):

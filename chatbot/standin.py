@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.serving import run_simple
+from werkzeug import serving
 
 MARKER = "[stand-in LLM, not a real model] "
 _DIRECTIVE = re.compile(
@@ -383,7 +383,11 @@ def create_standin_app(delay: float = 0.05, api_key: str | None = None) -> Flask
 
 
 def run_standin(host: str = "127.0.0.1", port: int = 8000, delay: float = 0.05) -> None:
-    run_simple(host, port, create_standin_app(delay), threaded=True)
+    # werkzeug listens with a backlog of 128: a burst of hundreds of streams
+    # (benchmarks, tests) would overflow it, and the kernel would drop SYNs that
+    # clients retry only after 1, 3, 7... seconds.
+    serving.LISTEN_QUEUE = 2048
+    serving.run_simple(host, port, create_standin_app(delay), threaded=True)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,34 @@ Write transactions are short and never span a call to the upstream.
 """
 import json
 import os
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
-HEARTBEAT_SECONDS = 2.0   # how often a running generation refreshes its marker
+HEARTBEAT_SECONDS = 5.0   # how often a running generation refreshes its marker and saves its text
 STALE_SECONDS = 20.0      # a marker not refreshed for this long is abandoned
+
+
+# SQLite has one writer at a time. Threads of one process queue for it here, in
+# order, instead of in SQLite's busy handler, which polls with sleeps and lets a
+# crowd of hundreds of streams starve some of them past the busy timeout.
+_writer = threading.Lock()
+
+
+@contextmanager
+def transaction(db):
+    """BEGIN IMMEDIATE ... COMMIT: take the write lock up front, so a
+    read-then-write cannot be overtaken by another process."""
+    with _writer:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
 
 def now_iso():
@@ -47,10 +69,11 @@ def message_dict(row):
 
 def create_session(db, metadata):
     session_id, now = new_id(), now_iso()
-    db.execute(
-        "INSERT INTO sessions (session_id, created_at, last_accessed, metadata) VALUES (?, ?, ?, ?)",
-        (session_id, now, now, json.dumps(metadata, ensure_ascii=False)),
-    )
+    with transaction(db):
+        db.execute(
+            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata) VALUES (?, ?, ?, ?)",
+            (session_id, now, now, json.dumps(metadata, ensure_ascii=False)),
+        )
     return get_session(db, session_id)
 
 
@@ -65,7 +88,8 @@ def get_session(db, session_id):
 
 
 def delete_session(db, session_id):
-    return db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
+    with transaction(db):
+        return db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
 
 
 def list_messages(db, session_id):
@@ -107,15 +131,13 @@ def begin_turn(db, session_id, user_text):
     One short IMMEDIATE transaction, so two workers cannot both take the marker.
     Returns (user_message_id, reply_id), or None when another reply is running.
     """
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         row = db.execute(
             "SELECT generating_message_id, generating_pid, heartbeat FROM sessions WHERE session_id = ?",
             (session_id,),
         ).fetchone()
         if row["generating_message_id"]:
             if not _abandoned(row):
-                db.execute("ROLLBACK")
                 return None
             _recover(db, session_id, row["generating_message_id"])
         now = now_iso()
@@ -126,40 +148,40 @@ def begin_turn(db, session_id, user_text):
             " stop_requested = 0, last_accessed = ? WHERE session_id = ?",
             (reply_id, os.getpid(), time.time(), now, session_id),
         )
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     return user_id, reply_id
 
 
-def heartbeat(db, session_id, reply_id, text_so_far):
-    """Refresh the marker, save the partial text; True when a stop was requested."""
-    db.execute("UPDATE messages SET content = ? WHERE message_id = ? AND status = 'pending'",
-               (text_so_far, reply_id))
-    db.execute("UPDATE sessions SET heartbeat = ? WHERE generating_message_id = ?",
-               (time.time(), reply_id))
-    return stop_requested(db, reply_id)
+def heartbeat(db, replies):
+    """Refresh the markers and save the partial text of running replies, given
+    as (session_id, reply_id, text) for all of a process's turns in one transaction."""
+    now = time.time()
+    with transaction(db):
+        db.executemany("UPDATE messages SET content = ? WHERE message_id = ? AND status = 'pending'",
+                       [(text, reply_id) for _, reply_id, text in replies])
+        db.executemany("UPDATE sessions SET heartbeat = ? WHERE session_id = ? AND generating_message_id = ?",
+                       [(now, session_id, reply_id) for session_id, reply_id, _ in replies])
 
 
-def stop_requested(db, reply_id):
-    row = db.execute("SELECT stop_requested FROM sessions WHERE generating_message_id = ?",
-                     (reply_id,)).fetchone()
-    return bool(row and row["stop_requested"])
+def stop_requests(db, session_ids):
+    """Which of these sessions have been asked to stop."""
+    marks = ",".join("?" * len(session_ids))
+    rows = db.execute(f"SELECT session_id FROM sessions WHERE stop_requested = 1 AND session_id IN ({marks})",
+                      list(session_ids))
+    return {row[0] for row in rows}
 
 
 def request_stop(db, session_id):
     """Ask the worker generating this session's reply to stop. False if none runs."""
-    return db.execute(
-        "UPDATE sessions SET stop_requested = 1 WHERE session_id = ? AND generating_message_id IS NOT NULL",
-        (session_id,),
-    ).rowcount > 0
+    with transaction(db):
+        return db.execute(
+            "UPDATE sessions SET stop_requested = 1 WHERE session_id = ? AND generating_message_id IS NOT NULL",
+            (session_id,),
+        ).rowcount > 0
 
 
 def finish_turn(db, session_id, reply_id, content, status, token_usage, finish_reason, error=None):
     """Store the final reply and clear the marker, in one transaction."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(db):
         db.execute(
             "UPDATE messages SET content = ?, status = ?, token_usage = ?, finish_reason = ?, error = ?"
             " WHERE message_id = ?",
@@ -171,10 +193,6 @@ def finish_turn(db, session_id, reply_id, content, status, token_usage, finish_r
             " stop_requested = 0 WHERE session_id = ? AND generating_message_id = ?",
             (session_id, reply_id),
         )
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     return get_message(db, reply_id)
 
 
@@ -223,9 +241,8 @@ def recover_dead_generations(db, pid=None):
     ).fetchall()
     for row in rows:
         if row["generating_pid"] == pid or _abandoned(row):
-            db.execute("BEGIN IMMEDIATE")
-            _recover(db, row["session_id"], row["generating_message_id"])
-            db.execute("COMMIT")
+            with transaction(db):
+                _recover(db, row["session_id"], row["generating_message_id"])
     # Pending replies whose marker is gone (should not happen, but never leave one pending).
     db.execute(
         "UPDATE messages SET status = CASE WHEN content = '' THEN 'failed' ELSE 'incomplete' END"

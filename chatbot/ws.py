@@ -9,9 +9,7 @@ import json
 from flask import Blueprint
 from flask_sock import Sock
 
-from . import store
 from .chat import start_turn
-from .db import get_db
 from .errors import ApiError
 from .models import ChatRequest, parse
 
@@ -49,10 +47,10 @@ def chat_ws(ws):
         except ApiError as e:
             send(error_frame(e.code, e.detail, **({"errors": e.errors} if e.errors else {})))
             continue
-        relay(ws, send, turn, body.session_id)
+        relay(ws, send, turn)
 
 
-def relay(ws, send, turn, session_id):
+def relay(ws, send, turn):
     """Send one turn's events; meanwhile answer the frames the client sends."""
     events = turn.events()
     try:
@@ -69,18 +67,18 @@ def relay(ws, send, turn, session_id):
                 return
             raw = ws.receive(timeout=0)
             if raw is not None:
-                answer_during_turn(raw, send, session_id)
+                answer_during_turn(raw, send, turn)
     finally:
         events.close()  # socket closed mid-answer: the turn keeps the text as incomplete
 
 
-def answer_during_turn(raw, send, session_id):
+def answer_during_turn(raw, send, turn):
     try:
         frame = read_frame(raw)
     except ApiError as e:
         send(error_frame(e.code, e.detail))
         return
     if frame["type"] == "stop":
-        store.request_stop(get_db(), session_id)  # the turn sees it within a moment, like POST .../stop
+        turn.stop.set()
     else:
         send(error_frame("generation_in_progress", "Wait for the current reply, or stop it, before the next."))

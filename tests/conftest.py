@@ -52,7 +52,8 @@ def stop_process(proc):
 class Process:
     def __init__(self, args, url, health_path, env=None):
         self.url = url
-        self.proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
+        env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until_up(url + health_path, self.proc)
 
@@ -125,7 +126,8 @@ def start_server(tmp_path, standin):
     (stopped at teardown). Two servers given one db_path share a database, as the
     worker processes of one server do.
 
-    env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1").
+    env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1");
+    None removes a setting (start_server(CHATBOT_THREADS=None): gunicorn.conf.py's default).
     """
     servers = []
 

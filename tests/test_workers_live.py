@@ -6,6 +6,8 @@ import time
 
 import requests
 
+from chatbot import store
+
 from conftest import SSEStream, wait_for
 
 
@@ -20,7 +22,7 @@ def test_a_worker_killed_mid_answer_frees_the_session_and_keeps_its_text(server,
     events = stream.events()
     start = next(events)[1]
     deltas = [next(events)[1]["content"] for _ in range(5)]
-    time.sleep(2.5)  # past one heartbeat: the partial text is in the database
+    time.sleep(store.HEARTBEAT_SECONDS + 0.5)  # past one heartbeat: the partial text is in the database
     os.kill(marker(server, sid), signal.SIGKILL)
 
     # gunicorn replaces the worker; the session takes a new chat at once.
