@@ -386,7 +386,7 @@ def run_standin(host: str = "127.0.0.1", port: int = 8000, delay: float = 0.05) 
     # werkzeug listens with a backlog of 128: a burst of hundreds of streams
     # (benchmarks, tests) would overflow it, and the kernel would drop SYNs that
     # clients retry only after 1, 3, 7... seconds.
-    serving.LISTEN_QUEUE = 2048
+    serving.BaseWSGIServer.request_queue_size = 2048
     serving.run_simple(host, port, create_standin_app(delay), threaded=True)
 
 
