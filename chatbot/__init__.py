@@ -25,6 +25,12 @@ DEFAULTS = {
     "MAX_MESSAGE_CHARS": 16000,
     "MAX_CONTENT_LENGTH": 1024 * 1024,   # bytes of a request body; larger gets 413
     "SSE_KEEPALIVE": 15,
+    "TITLE_MAX_CHARS": 200,              # a title the user sets
+    "METADATA_MAX_BYTES": 8192,          # a session's metadata, as compact UTF-8 JSON
+    "SYSTEM_PROMPT_MAX_CHARS": 8000,     # a session's own system prompt
+    "SESSIONS_PAGE_LIMIT": 100,          # most sessions in one page of GET /api/sessions
+    "MESSAGES_PAGE_LIMIT": 200,          # most messages in one page of GET /api/sessions/{id}/messages
+    "IMPORT_MAX_BYTES": 16 * 1024 * 1024,  # body of POST /api/sessions/import (exports can be long)
 }
 
 

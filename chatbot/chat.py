@@ -15,22 +15,42 @@ bp = Blueprint("chat", __name__, url_prefix="/api")
 
 
 def start_turn(body, stream, client_gone=None):
-    """Everything before the upstream is asked: checks, the stored user message, the context."""
+    """Everything before the upstream is asked: checks, the stored user message, the context.
+
+    With body.regenerate, no new message: the session's last reply is replaced
+    by a new one made from the same context (store.begin_turn)."""
     cfg = current_app.config
     conn = get_db()
-    if store.get_session(conn, body.session_id) is None:
+    session = store.get_session(conn, body.session_id)
+    if session is None:
         raise session_not_found(body.session_id)
-    system_prompt, budget = cfg["SYSTEM_PROMPT"], cfg["CONTEXT_MAX_TOKENS"]
-    if not context.fits(system_prompt, body.message, budget):
+    # The session's own system prompt, when it has one, replaces the default ("" means none).
+    system_prompt = session["system_prompt"]
+    if system_prompt is None:
+        system_prompt = cfg["SYSTEM_PROMPT"]
+    budget = cfg["CONTEXT_MAX_TOKENS"]
+    text = store.last_user_message(conn, body.session_id) if body.regenerate else body.message
+    if text is None:
+        raise nothing_to_regenerate()
+    if not context.fits(system_prompt, text, budget):
+        field = "regenerate" if body.regenerate else "message"
         raise ApiError(422, "validation_error", "The message does not fit the context budget.",
-                       errors=[{"field": "message", "detail": f"longer than the context budget of {budget} tokens"}])
-    ids = store.begin_turn(conn, body.session_id, body.message)
+                       errors=[{"field": field, "detail": f"with the system prompt, longer than the context"
+                                                          f" budget of {budget} tokens"}])
+    try:
+        ids = store.begin_turn(conn, body.session_id, None if body.regenerate else body.message)
+    except store.NothingToRegenerate:
+        raise nothing_to_regenerate() from None
     if ids is None:
         raise ApiError(409, "generation_in_progress",
                        "A reply is still being generated for this session; wait for it or stop it.")
     messages = context.build(system_prompt, store.history(conn, body.session_id), budget)
     return Turn(cfg, current_app.extensions["upstream"], body.session_id, *ids, messages,
                 body.options(), stream=stream, client_gone=client_gone)
+
+
+def nothing_to_regenerate():
+    return ApiError(409, "nothing_to_regenerate", "This session has no reply to regenerate.")
 
 
 def turn_error(problem):

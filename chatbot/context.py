@@ -28,14 +28,19 @@ def fits(system_prompt, new_message, budget):
 def build(system_prompt, history, budget):
     """[system] + as many of the latest `history` messages as fit the budget.
 
-    history ends with the new user message, which is always kept; older
-    messages are dropped whole, oldest first.
+    history ends with the new user message, which is always kept (the caller
+    has checked with fits() that it fits beside the system prompt). Older
+    messages are dropped whole, oldest turn first: when the budget ends inside
+    a turn, its reply goes too, so that the context never starts with a reply
+    to a question that is no longer in it (some chat templates reject that).
     """
     used = estimate_tokens(system_prompt) + estimate_tokens(history[-1]["content"])
-    kept = [history[-1]]
+    kept = [history[-1]]   # newest first
     for message in reversed(history[:-1]):
         used += estimate_tokens(message["content"])
         if used > budget:
+            while len(kept) > 1 and kept[-1]["role"] == "assistant":
+                kept.pop()
             break
         kept.append(message)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []

@@ -43,12 +43,12 @@ def session_not_found(session_id):
     return ApiError(404, "session_not_found", f"No session with id {session_id!r}.")
 
 
-def validation_error(pydantic_error):
+def validation_error(pydantic_error, detail="The request body is not valid."):
     errors = [
         {"field": ".".join(str(p) for p in e["loc"]) or "(body)", "detail": e["msg"]}
         for e in pydantic_error.errors()
     ]
-    return ApiError(422, "validation_error", "The request body is not valid.", errors=errors)
+    return ApiError(422, "validation_error", detail, errors=errors)
 
 
 def init_app(app):

@@ -34,3 +34,39 @@ def migrate(conn):
             conn.execute("ROLLBACK")
             raise
     return applied
+
+
+@migration
+def conversations(conn):
+    """Titles, per-session system prompts, and an activity log for listing sessions.
+
+    session_activity gets a row for every activity of a session (creation, a
+    chat turn, a change of its settings); its seq is a global, strictly rising
+    order of activity. sessions.activity_seq is the latest one, for ordering;
+    the older rows let a list cursor page through the order as it stood when
+    its first page was read (store.list_sessions).
+    """
+    from .store import make_title
+
+    conn.execute("ALTER TABLE sessions ADD COLUMN title TEXT")           # NULL until the first message
+    conn.execute("ALTER TABLE sessions ADD COLUMN system_prompt TEXT")   # NULL: the configured default
+    conn.execute("ALTER TABLE sessions ADD COLUMN activity_seq INTEGER")
+    conn.execute(
+        "CREATE TABLE session_activity ("
+        " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,"
+        " at TEXT NOT NULL)"
+    )
+    conn.execute("CREATE INDEX session_activity_by_session ON session_activity (session_id, seq)")
+    # Existing sessions: one activity each, in the order of their last activity.
+    conn.execute("INSERT INTO session_activity (session_id, at)"
+                 " SELECT session_id, last_accessed FROM sessions ORDER BY last_accessed, rowid")
+    conn.execute("UPDATE sessions SET activity_seq = (SELECT max(seq) FROM session_activity a"
+                 " WHERE a.session_id = sessions.session_id)")
+    conn.execute("CREATE INDEX sessions_by_activity ON sessions (activity_seq)")
+    rows = conn.execute(
+        "SELECT m.session_id, m.content FROM messages m WHERE m.seq IN"
+        " (SELECT min(seq) FROM messages WHERE role = 'user' GROUP BY session_id)"
+    ).fetchall()
+    for session_id, content in rows:
+        conn.execute("UPDATE sessions SET title = ? WHERE session_id = ?", (make_title(content), session_id))

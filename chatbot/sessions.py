@@ -1,12 +1,22 @@
-"""Sessions and their message history."""
-from flask import Blueprint
+"""Sessions: create, list, change, delete; their message history; export and import."""
+import base64
+import binascii
+import io
+import json
+import re
+from datetime import timezone
+
+from flask import Blueprint, current_app, request, send_file
 
 from . import store
 from .db import get_db
-from .errors import session_not_found
-from .models import CreateSession, parse_body
+from .errors import ApiError, session_not_found
+from .models import (Conversation, CreateSession, ExportQuery, MessagesQuery, PatchSession, SessionsQuery,
+                     parse_body, parse_query)
 
 bp = Blueprint("sessions", __name__, url_prefix="/api/sessions")
+
+MESSAGES_PAGE = 50   # page size when `before` is given without `limit`
 
 
 def session_or_404(session_id):
@@ -19,12 +29,44 @@ def session_or_404(session_id):
 @bp.post("")
 def create():
     body = parse_body(CreateSession, optional=True)
-    return store.create_session(get_db(), body.metadata), 201
+    return store.create_session(get_db(), body.metadata, body.title, body.system_prompt), 201
+
+
+@bp.get("")
+def list_sessions():
+    query = parse_query(SessionsQuery)
+    after = decode_cursor(query.cursor) if query.cursor else None
+    sessions, following = store.list_sessions(get_db(), query.limit, after)
+    return {"sessions": sessions, "next_cursor": encode_cursor(following) if following else None}
+
+
+# The cursor is opaque to clients: the list's snapshot and the rank of the
+# last session listed (see store.list_sessions), base64url-encoded.
+def encode_cursor(after):
+    return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor):
+    try:
+        after = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        snapshot, rank = after
+        if all(type(n) is int and 0 <= n < 2**63 for n in after) and rank <= snapshot + 1:
+            return snapshot, rank
+    except (ValueError, TypeError, binascii.Error):
+        pass
+    raise ApiError(400, "invalid_cursor", "The cursor is not one this server gave; start again without it.")
 
 
 @bp.get("/<session_id>")
 def get(session_id):
     return session_or_404(session_id)
+
+
+@bp.patch("/<session_id>")
+def patch(session_id):
+    session_or_404(session_id)
+    body = parse_body(PatchSession)
+    return store.update_session(get_db(), session_id, body.changes())
 
 
 @bp.delete("/<session_id>")
@@ -37,4 +79,80 @@ def delete(session_id):
 @bp.get("/<session_id>/messages")
 def messages(session_id):
     session_or_404(session_id)
-    return {"session_id": session_id, "messages": store.list_messages(get_db(), session_id)}
+    query = parse_query(MessagesQuery)
+    if query.limit is None and query.before is None:
+        return {"session_id": session_id, "messages": store.list_messages(get_db(), session_id),
+                "has_more": False}
+    page = store.page_messages(get_db(), session_id, query.limit or MESSAGES_PAGE, query.before)
+    if page is None:
+        raise ApiError(404, "message_not_found",
+                       f"No message with id {query.before!r} in this session (for `before`).")
+    messages, has_more = page
+    return {"session_id": session_id, "messages": messages, "has_more": has_more}
+
+
+@bp.get("/<session_id>/export")
+def export(session_id):
+    query = parse_query(ExportQuery)
+    session = session_or_404(session_id)
+    document = conversation(session, store.list_messages(get_db(), session_id))
+    if query.format == "json":
+        data = json.dumps(document, ensure_ascii=False, indent=2).encode("utf-8")
+        mimetype = "application/json"
+    else:
+        data = markdown(document).encode("utf-8")
+        mimetype = "text/markdown; charset=utf-8"
+    extension = {"json": "json", "markdown": "md"}[query.format]
+    # send_file quotes the name, and adds an RFC 6266 filename* when it is not ASCII (a Korean title).
+    return send_file(io.BytesIO(data), mimetype=mimetype, as_attachment=True,
+                     download_name=f"{download_stem(session)}.{extension}", max_age=0)
+
+
+def conversation(session, messages):
+    """The export document (its schema is models.Conversation)."""
+    keys = ("message_id", "role", "content", "created_at", "status", "token_usage", "finish_reason", "error")
+    return {
+        "format": "chatbot-conversation",
+        "version": 1,
+        "exported_at": store.now_iso(),
+        "session": {k: session[k] for k in ("session_id", "created_at", "last_accessed", "title",
+                                              "metadata", "system_prompt")},
+        "messages": [{k: m[k] for k in keys} for m in messages],
+    }
+
+
+def markdown(document):
+    session = document["session"]
+    lines = [f"# {session['title'] or 'Conversation'}", "",
+             f"- Session: `{session['session_id']}`", f"- Created: {session['created_at']}",
+             f"- Exported: {document['exported_at']}"]
+    if session["system_prompt"] is not None:
+        lines += ["- System prompt:", ""] + [f"  > {line}" for line in session["system_prompt"].splitlines()]
+    for m in document["messages"]:
+        note = "" if m["status"] == "complete" else f" ({m['status']})"
+        lines += ["", f"## {m['role'].capitalize()}{note}", "", f"*{m['created_at']}*", "", m["content"]]
+    return "\n".join(lines) + "\n"
+
+
+def download_stem(session):
+    """A file name from the title: words kept (Hangul too), the rest made dashes."""
+    title = re.sub(r"[^\w]+", "-", session["title"] or "").strip("-_")[:40].rstrip("-_")
+    return f"{title or 'conversation'}-{session['session_id'][:8]}"
+
+
+@bp.post("/import")
+def import_():
+    # An export of a long conversation can outgrow the usual body limit.
+    request.max_content_length = current_app.config["IMPORT_MAX_BYTES"]
+    body = parse_body(Conversation)
+    session = body.session.model_dump(include={"title", "metadata", "system_prompt"})
+    if body.session.created_at:
+        session["created_at"] = utc_iso(body.session.created_at)
+    messages = [{**m.model_dump(exclude={"message_id", "created_at"}), "created_at": utc_iso(m.created_at)}
+                for m in body.messages]
+    return store.import_session(get_db(), session, messages), 201
+
+
+def utc_iso(moment):
+    """The contract's time format, for a time given with any offset."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")

@@ -7,12 +7,18 @@ import json
 import os
 import threading
 import time
+import unicodedata
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
 HEARTBEAT_SECONDS = 5.0   # how often a running generation refreshes its marker and saves its text
 STALE_SECONDS = 20.0      # a marker not refreshed for this long is abandoned
+TITLE_CHARS = 40          # length of a title made from the first message, in characters
+
+
+class NothingToRegenerate(LookupError):
+    """A regenerate request for a session with no reply after its last user message."""
 
 
 # SQLite has one writer at a time. Threads of one process queue for it here, in
@@ -43,13 +49,44 @@ def new_id():
     return str(uuid.uuid4())
 
 
-def _session(row, message_count):
+def make_title(text, limit=TITLE_CHARS):
+    """A short title made from a message.
+
+    Whitespace is collapsed; length is counted in characters, not bytes (a
+    Hangul syllable is 3 bytes). A longer text is cut on the last space in
+    the second half of the limit (Korean and English both separate words with
+    spaces), else between characters (a long word, or text without spaces),
+    and ends with an ellipsis.
+    """
+    text = " ".join(unicodedata.normalize("NFC", text).split())
+    if len(text) <= limit:
+        return text
+    cut = limit - 1  # room for the ellipsis
+    space = text.rfind(" ", 0, cut + 1)
+    if space >= limit // 2:
+        cut = space
+    else:  # do not separate a character from its combining marks or a joined emoji
+        while cut > 0 and (unicodedata.combining(text[cut]) or text[cut] in "\u200d\ufe0f"):
+            cut -= 1
+    head = text[:cut]
+    return (head.rstrip(" ,.;:!?-\u200d") or head) + "…"
+
+
+SESSION_SELECT = (
+    "SELECT s.*, (SELECT count(*) FROM messages m WHERE m.session_id = s.session_id"
+    " AND m.status != 'pending') AS message_count FROM sessions s"
+)
+
+
+def _session(row):
     return {
         "session_id": row["session_id"],
         "created_at": row["created_at"],
         "last_accessed": row["last_accessed"],
+        "title": row["title"],
         "metadata": json.loads(row["metadata"]),
-        "message_count": message_count,
+        "system_prompt": row["system_prompt"],   # None: the configured default
+        "message_count": row["message_count"],
     }
 
 
@@ -67,24 +104,94 @@ def message_dict(row):
     }
 
 
-def create_session(db, metadata):
+def _touch(db, session_id, now):
+    """Record an activity of the session (inside a transaction): it moves to the top of the list."""
+    seq = db.execute("INSERT INTO session_activity (session_id, at) VALUES (?, ?)",
+                     (session_id, now)).lastrowid
+    db.execute("UPDATE sessions SET last_accessed = ?, activity_seq = ? WHERE session_id = ?",
+               (now, seq, session_id))
+
+
+def create_session(db, metadata, title=None, system_prompt=None, created_at=None, messages=()):
+    """A new session; `messages` (for an import) are stored with it in the same transaction."""
     session_id, now = new_id(), now_iso()
     with transaction(db):
         db.execute(
-            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata) VALUES (?, ?, ?, ?)",
-            (session_id, now, now, json.dumps(metadata, ensure_ascii=False)),
+            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata, title, system_prompt)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (session_id, created_at or now, now, json.dumps(metadata, ensure_ascii=False), title,
+             system_prompt),
         )
+        for m in messages:
+            db.execute(
+                "INSERT INTO messages (message_id, session_id, role, content, created_at, status,"
+                " token_usage, finish_reason, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new_id(), session_id, m["role"], m["content"], m["created_at"], m["status"],
+                 json.dumps(m["token_usage"]) if m.get("token_usage") else None, m.get("finish_reason"),
+                 json.dumps(m["error"], ensure_ascii=False) if m.get("error") else None),
+            )
+        _touch(db, session_id, now)
     return get_session(db, session_id)
 
 
 def get_session(db, session_id):
-    row = db.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
-    if row is None:
-        return None
-    (count,) = db.execute(
-        "SELECT count(*) FROM messages WHERE session_id = ? AND status != 'pending'", (session_id,)
-    ).fetchone()
-    return _session(row, count)
+    row = db.execute(SESSION_SELECT + " WHERE s.session_id = ?", (session_id,)).fetchone()
+    return _session(row) if row else None
+
+
+def list_sessions(db, limit, after=None):
+    """A page of sessions, most recently active first: (sessions, where the next page starts).
+
+    Sessions are ranked by their latest activity seq as it stood at a snapshot:
+    the first page takes the newest activity as its snapshot; `after` is
+    (snapshot, rank of the last session listed) from the page before. A session
+    active since the snapshot keeps its rank of then, so paging lists every
+    session once, skipping none, however the order moves meanwhile; sessions
+    created after the snapshot have no rank and show up on a new first page.
+    """
+    if after is None:
+        (snapshot,) = db.execute("SELECT coalesce(max(seq), 0) FROM session_activity").fetchone()
+        after = (snapshot, snapshot + 1)
+    snapshot, before_rank = after
+    # activity_seq <= snapshot means the session has not moved since: its rank is its activity_seq.
+    rows = db.execute(
+        "SELECT * FROM (SELECT *, CASE WHEN activity_seq <= :snapshot THEN activity_seq"
+        " ELSE (SELECT max(a.seq) FROM session_activity a WHERE a.session_id = candidates.session_id"
+        " AND a.seq <= :snapshot) END AS list_rank"
+        f" FROM ({SESSION_SELECT} WHERE s.activity_seq < :before OR s.activity_seq > :snapshot) candidates)"
+        " WHERE list_rank < :before ORDER BY list_rank DESC LIMIT :n",
+        {"snapshot": snapshot, "before": before_rank, "n": limit + 1},
+    ).fetchall()
+    following = (snapshot, rows[limit - 1]["list_rank"]) if len(rows) > limit else None
+    return [_session(r) for r in rows[:limit]], following
+
+
+def update_session(db, session_id, changes):
+    """Change title, metadata and/or system_prompt. A title of None goes back to
+    the one made from the first message; a system_prompt of None to the default."""
+    columns = {k: v for k, v in changes.items() if k in ("title", "metadata", "system_prompt")}
+    if "metadata" in columns:
+        columns["metadata"] = json.dumps(columns["metadata"], ensure_ascii=False)
+    with transaction(db):
+        if "title" in columns and columns["title"] is None:
+            first = db.execute("SELECT content FROM messages WHERE session_id = ? AND role = 'user'"
+                               " ORDER BY seq LIMIT 1", (session_id,)).fetchone()
+            columns["title"] = make_title(first["content"]) if first else None
+        if columns:
+            db.execute(f"UPDATE sessions SET {', '.join(f'{k} = ?' for k in columns)} WHERE session_id = ?",
+                       (*columns.values(), session_id))
+        _touch(db, session_id, now_iso())
+    return get_session(db, session_id)
+
+
+def import_session(db, session, messages):
+    """A new session (new id) holding an exported conversation: messages keep
+    their order, role, content, status, times and usage, under new ids."""
+    title = session.get("title")
+    if title is None:
+        title = next((make_title(m["content"]) for m in messages if m["role"] == "user"), None)
+    return create_session(db, session.get("metadata") or {}, title, session.get("system_prompt"),
+                          session.get("created_at"), messages)
 
 
 def delete_session(db, session_id):
@@ -98,6 +205,25 @@ def list_messages(db, session_id):
         (session_id,),
     )
     return [message_dict(r) for r in rows]
+
+
+def page_messages(db, session_id, limit, before=None):
+    """At most `limit` messages just before message `before` (or the latest),
+    oldest first: (messages, has_more). None when `before` is not in the session."""
+    bound = ""
+    params = [session_id]
+    if before is not None:
+        row = db.execute("SELECT seq FROM messages WHERE message_id = ? AND session_id = ?",
+                         (before, session_id)).fetchone()
+        if row is None:
+            return None
+        bound = " AND seq < ?"
+        params.append(row["seq"])
+    rows = db.execute(
+        f"SELECT * FROM messages WHERE session_id = ? AND status != 'pending'{bound} ORDER BY seq DESC LIMIT ?",
+        (*params, limit + 1),
+    ).fetchall()
+    return [message_dict(r) for r in reversed(rows[:limit])], len(rows) > limit
 
 
 def get_message(db, message_id):
@@ -115,6 +241,12 @@ def history(db, session_id):
     return [{"role": r["role"], "content": r["content"]} for r in rows]
 
 
+def last_user_message(db, session_id):
+    row = db.execute("SELECT content FROM messages WHERE session_id = ? AND role = 'user'"
+                     " ORDER BY seq DESC LIMIT 1", (session_id,)).fetchone()
+    return row["content"] if row else None
+
+
 def _insert_message(db, session_id, role, content, status, now):
     message_id = new_id()
     db.execute(
@@ -125,8 +257,13 @@ def _insert_message(db, session_id, role, content, status, now):
     return message_id
 
 
-def begin_turn(db, session_id, user_text):
+def begin_turn(db, session_id, user_text=None):
     """Store the user message and a pending reply, and take the session's marker.
+
+    With user_text None, regenerate instead: the reply after the last user
+    message is deleted (not hidden: it leaves history and later contexts) and
+    the pending reply answers that user message again; NothingToRegenerate
+    when there is no such reply.
 
     One short IMMEDIATE transaction, so two workers cannot both take the marker.
     Returns (user_message_id, reply_id), or None when another reply is running.
@@ -141,14 +278,32 @@ def begin_turn(db, session_id, user_text):
                 return None
             _recover(db, session_id, row["generating_message_id"])
         now = now_iso()
-        user_id = _insert_message(db, session_id, "user", user_text, "complete", now)
+        if user_text is None:
+            user_id = _drop_last_reply(db, session_id)
+        else:
+            user_id = _insert_message(db, session_id, "user", user_text, "complete", now)
+            db.execute("UPDATE sessions SET title = ? WHERE session_id = ? AND title IS NULL",
+                       (make_title(user_text), session_id))
         reply_id = _insert_message(db, session_id, "assistant", "", "pending", now)
         db.execute(
             "UPDATE sessions SET generating_message_id = ?, generating_pid = ?, heartbeat = ?,"
-            " stop_requested = 0, last_accessed = ? WHERE session_id = ?",
-            (reply_id, os.getpid(), time.time(), now, session_id),
+            " stop_requested = 0 WHERE session_id = ?",
+            (reply_id, os.getpid(), time.time(), session_id),
         )
+        _touch(db, session_id, now)
     return user_id, reply_id
+
+
+def _drop_last_reply(db, session_id):
+    """Delete the replies after the last user message (normally one); return that message's id."""
+    last = db.execute("SELECT seq, message_id FROM messages WHERE session_id = ? AND role = 'user'"
+                      " ORDER BY seq DESC LIMIT 1", (session_id,)).fetchone()
+    if last is None or not db.execute(
+        "DELETE FROM messages WHERE session_id = ? AND role = 'assistant' AND seq > ?",
+        (session_id, last["seq"]),
+    ).rowcount:
+        raise NothingToRegenerate(session_id)
+    return last["message_id"]
 
 
 def heartbeat(db, replies):
