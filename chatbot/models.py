@@ -3,8 +3,8 @@ import json
 from typing import Annotated, Any, Literal, Optional
 
 from flask import current_app, request
-from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints,
-                      ValidationError, field_validator, model_validator)
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool,
+                      StringConstraints, ValidationError, field_validator, model_validator)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from . import context
@@ -165,7 +165,7 @@ class ChatRequest(Strict):
     """A new message, or regenerate: true (and no message) to replace the last reply."""
     session_id: NonBlank
     message: Optional[str] = None
-    regenerate: bool = False
+    regenerate: StrictBool = False
     max_new_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0.0)
     do_sample: Optional[bool] = None
