@@ -1,12 +1,12 @@
 """Sessions: create, list, change, delete; their message history; export and import."""
 import base64
 import binascii
-import io
 import json
 import re
 from datetime import timezone
+from urllib.parse import quote
 
-from flask import Blueprint, current_app, request, send_file
+from flask import Blueprint, current_app, request
 
 from . import store
 from .db import get_db
@@ -102,10 +102,12 @@ def export(session_id):
     else:
         data = markdown(document).encode("utf-8")
         mimetype = "text/markdown; charset=utf-8"
-    extension = {"json": "json", "markdown": "md"}[query.format]
-    # send_file quotes the name, and adds an RFC 6266 filename* when it is not ASCII (a Korean title).
-    return send_file(io.BytesIO(data), mimetype=mimetype, as_attachment=True,
-                     download_name=f"{download_stem(session)}.{extension}", max_age=0)
+    ascii_name, name = download_names(session, {"json": "json", "markdown": "md"}[query.format])
+    response = current_app.response_class(data, mimetype=mimetype)
+    # filename is for every client (curl -OJ too); filename* (RFC 6266) carries a Korean title.
+    extra = {"filename*": "UTF-8''" + quote(name)} if name != ascii_name else {}
+    response.headers.set("Content-Disposition", "attachment", filename=ascii_name, **extra)
+    return response
 
 
 def conversation(session, messages):
@@ -134,10 +136,12 @@ def markdown(document):
     return "\n".join(lines) + "\n"
 
 
-def download_stem(session):
-    """A file name from the title: words kept (Hangul too), the rest made dashes."""
-    title = re.sub(r"[^\w]+", "-", session["title"] or "").strip("-_")[:40].rstrip("-_")
-    return f"{title or 'conversation'}-{session['session_id'][:8]}"
+def download_names(session, extension):
+    """(ASCII file name, full file name), made from the title: its words kept, the rest dashes."""
+    def name(other_chars):
+        stem = re.sub(other_chars, "-", session["title"] or "").strip("-_")[:40].rstrip("-_")
+        return f"{stem or 'conversation'}-{session['session_id'][:8]}.{extension}"
+    return name(r"[^A-Za-z0-9_]+"), name(r"\W+")
 
 
 @bp.post("/import")

@@ -31,7 +31,8 @@ def test_the_json_export_is_a_download_of_the_whole_conversation(client, convers
     assert response.status_code == 200 and response.mimetype == "application/json"
     disposition = response.headers["Content-Disposition"]
     assert disposition.startswith("attachment;")
-    # A Korean title: an ASCII fallback name, and the real one as RFC 6266 filename*.
+    # A Korean title: an ASCII name for every client, and the real one as RFC 6266 filename*.
+    assert disposition.startswith(f"attachment; filename=words-2-{conversation[:8]}.json; ")
     assert unquote(disposition.split("filename*=UTF-8''")[1]) == f"서울-날씨-어때요-words-2-{conversation[:8]}.json"
     document = json.loads(response.data)
     session = client.get(f"/api/sessions/{conversation}").json
@@ -59,6 +60,9 @@ def test_the_markdown_export_reads_as_a_transcript(client, conversation):
 def test_an_untitled_session_exports_under_a_plain_name(client, session_id):
     disposition = export(client, session_id).headers["Content-Disposition"]
     assert disposition == f"attachment; filename=conversation-{session_id[:8]}.json"
+    client.patch(f"/api/sessions/{session_id}", json={"title": "Trip to Busan!"})
+    disposition = export(client, session_id, "markdown").headers["Content-Disposition"]
+    assert disposition == f"attachment; filename=Trip-to-Busan-{session_id[:8]}.md"
 
 
 @pytest.mark.parametrize("fmt", ["xml", "JSON", ""])

@@ -1,6 +1,9 @@
 """Regenerate: the last reply is replaced by a new one made from the same context."""
+import json
+
 import pytest
 import requests
+import websocket
 
 from chatbot import db, store
 from conftest import SSEStream
@@ -99,11 +102,11 @@ def test_regenerate_waits_for_a_reply_in_progress(app, client, session_id):
         conn.close()
 
 
-def test_regenerate_over_the_stream(server):
+def test_regenerate_over_the_stream_and_the_websocket(server):
     sid = server.new_session()
     first = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "안녕 @@words=3"})
     events = list(first.events())
-    old_reply, user_id = events[-1][1]["message_id"], events[0][1]["user_message_id"]
+    replies, user_id = [events[-1][1]["message_id"]], events[0][1]["user_message_id"]
 
     again = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "regenerate": True})
     assert again.status == 200
@@ -111,7 +114,20 @@ def test_regenerate_over_the_stream(server):
     assert events[0][0] == "start" and events[0][1]["user_message_id"] == user_id
     assert events[-1][0] == "done"
     assert "".join(e[1]["content"] for e in events if e[0] == "delta") == events[-1][1]["content"]
+    replies.append(events[-1][1]["message_id"])
+
+    ws = websocket.create_connection(server.url.replace("http", "ws") + "/api/chat/ws", timeout=15)
+    try:
+        ws.send(json.dumps({"type": "chat", "session_id": sid, "regenerate": True}))
+        frames = [json.loads(ws.recv())]
+        while frames[-1]["type"] not in ("done", "error"):
+            frames.append(json.loads(ws.recv()))
+    finally:
+        ws.close()
+    assert frames[0]["type"] == "start" and frames[0]["user_message_id"] == user_id
+    assert frames[-1]["type"] == "done"
+    replies.append(frames[-1]["message"]["message_id"])
 
     messages = requests.get(f"{server.url}/api/sessions/{sid}/messages").json()["messages"]
-    assert [m["message_id"] for m in messages] == [user_id, events[-1][1]["message_id"]]
-    assert old_reply not in [m["message_id"] for m in messages]
+    assert [m["message_id"] for m in messages] == [user_id, replies[-1]]
+    assert len(set(replies)) == 3
