@@ -72,10 +72,9 @@ def make_title(text, limit=TITLE_CHARS):
     return (head.rstrip(" ,.;:!?-\u200d") or head) + "…"
 
 
-SESSION_SELECT = (
-    "SELECT s.*, (SELECT count(*) FROM messages m WHERE m.session_id = s.session_id"
-    " AND m.status != 'pending') AS message_count FROM sessions s"
-)
+SESSION_COLUMNS = ("s.*, (SELECT count(*) FROM messages m WHERE m.session_id = s.session_id"
+                   " AND m.status != 'pending') AS message_count")
+SESSION_SELECT = f"SELECT {SESSION_COLUMNS} FROM sessions s"
 
 
 def _session(row):
@@ -153,13 +152,22 @@ def list_sessions(db, limit, after=None):
         (snapshot,) = db.execute("SELECT coalesce(max(seq), 0) FROM session_activity").fetchone()
         after = (snapshot, snapshot + 1)
     snapshot, before_rank = after
-    # activity_seq <= snapshot means the session has not moved since: its rank is its activity_seq.
+    # Two kinds of candidates, each found through the activity_seq index: sessions
+    # not active since the snapshot (ranked by their activity_seq), and the few
+    # active since (ranked by their latest activity up to the snapshot; NULL,
+    # so left out, for sessions created after it). Messages are counted only
+    # for the page.
     rows = db.execute(
-        "SELECT * FROM (SELECT *, CASE WHEN activity_seq <= :snapshot THEN activity_seq"
-        " ELSE (SELECT max(a.seq) FROM session_activity a WHERE a.session_id = candidates.session_id"
-        " AND a.seq <= :snapshot) END AS list_rank"
-        f" FROM ({SESSION_SELECT} WHERE s.activity_seq < :before OR s.activity_seq > :snapshot) candidates)"
-        " WHERE list_rank < :before ORDER BY list_rank DESC LIMIT :n",
+        "WITH page AS (SELECT session_id, list_rank FROM ("
+        " SELECT * FROM (SELECT session_id, activity_seq AS list_rank FROM sessions"
+        "  WHERE activity_seq < :before ORDER BY activity_seq DESC LIMIT :n)"
+        " UNION ALL"
+        " SELECT * FROM (SELECT session_id, (SELECT max(a.seq) FROM session_activity a"
+        "  WHERE a.session_id = moved.session_id AND a.seq <= :snapshot) AS list_rank"
+        "  FROM sessions moved WHERE activity_seq > :snapshot) WHERE list_rank < :before"
+        ") ORDER BY list_rank DESC LIMIT :n)"
+        f" SELECT {SESSION_COLUMNS}, page.list_rank FROM sessions s JOIN page USING (session_id)"
+        " ORDER BY page.list_rank DESC",
         {"snapshot": snapshot, "before": before_rank, "n": limit + 1},
     ).fetchall()
     following = (snapshot, rows[limit - 1]["list_rank"]) if len(rows) > limit else None
