@@ -1,6 +1,5 @@
 """Sessions: create, list, change, delete; their message history; export and import."""
 import base64
-import binascii
 import json
 import re
 from datetime import timezone
@@ -52,7 +51,7 @@ def decode_cursor(cursor):
         snapshot, rank = after
         if all(type(n) is int and 0 <= n < 2**63 for n in after) and rank <= snapshot + 1:
             return snapshot, rank
-    except (ValueError, TypeError, binascii.Error):
+    except (ValueError, TypeError):   # bad base64, bad UTF-8 and bad JSON are ValueErrors
         pass
     raise ApiError(400, "invalid_cursor", "The cursor is not one this server gave; start again without it.")
 
