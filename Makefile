@@ -11,8 +11,9 @@ $(BIN)/activate: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(BIN)/activate
-	PATH="$(abspath $(BIN)):$$PATH" scripts/run.sh
+# scripts/run.sh makes its own venv: the first run installs and starts a real local model.
+run:
+	scripts/run.sh
 
 test: $(BIN)/activate
 	$(BIN)/python -m pytest
