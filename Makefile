@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: run test
 
-$(BIN)/activate: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+# A stamp of our own: scripts/run.sh may have made the venv (without the test packages).
+$(VENV)/.dev-installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
@@ -15,5 +16,5 @@ $(BIN)/activate: requirements.txt requirements-dev.txt
 run:
 	scripts/run.sh
 
-test: $(BIN)/activate
+test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest
