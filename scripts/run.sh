@@ -9,7 +9,8 @@
 #   CHATBOT_LLM_URL=http://... scripts/run.sh   your own LLM server (also read from .env);
 #                                          nothing else is started
 #
-# LOCAL_LLM_PORT (8080) and CHATBOT_STANDIN_PORT (8000) choose the LLM's port.
+# LOCAL_LLM_PORT (8080) and CHATBOT_STANDIN_PORT (8000) choose the LLM's port;
+# LOCAL_LLM_THREADS the local model's CPU threads (default: half the cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,7 +84,7 @@ local)
     port=${LOCAL_LLM_PORT:-8080}
     log=instance/local-llm.log
     say "Starting the local model (llama.cpp, SmolLM2-135M-Instruct: small, English only) on port $port; its log: $log"
-    "$bin/python" -m chatbot.local_llm --port "$port" >"$log" 2>&1 &
+    "$bin/python" -m chatbot.local_llm --port "$port" ${LOCAL_LLM_THREADS:+--threads "$LOCAL_LLM_THREADS"} >"$log" 2>&1 &
     llm_pid=$!
     wait_for_llm "http://127.0.0.1:$port/v1/models" "$log"
     export CHATBOT_LLM_URL="http://127.0.0.1:$port" CHATBOT_LLM_PROTOCOL=openai
