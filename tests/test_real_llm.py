@@ -49,7 +49,12 @@ class Llama:
         argv = local_llm.command(port, threads=1, interrupt_requests=interrupt_requests)
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, env=local_llm.environ(), stdout=log, stderr=subprocess.STDOUT)
-        wait_until_up(self.url + "/v1/models", self.proc, timeout=120)
+        try:
+            wait_until_up(self.url + "/v1/models", self.proc, timeout=120)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"llama.cpp did not start ({e}); its log ends:\n"
+                               + log_path.read_text(errors="replace")[-2000:]) from None
 
     def chat(self, text, max_tokens=1, timeout=30):
         """A short request straight to the server, bypassing the backend."""
