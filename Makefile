@@ -5,14 +5,16 @@ BIN := $(VENV)/bin
 
 .PHONY: run test
 
-$(BIN)/activate: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+# A stamp of our own: scripts/run.sh may have made the venv (without the test packages).
+$(VENV)/.dev-installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(BIN)/activate
-	PATH="$(abspath $(BIN)):$$PATH" scripts/run.sh
+# scripts/run.sh makes its own venv: the first run installs and starts a real local model.
+run:
+	scripts/run.sh
 
-test: $(BIN)/activate
+test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest

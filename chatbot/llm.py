@@ -217,8 +217,11 @@ class Call:
             return
         try:
             body = r.json()
+        except ValueError:  # e.g. llama.cpp's text/plain "Internal Server Error"
+            body = None
+        if isinstance(body, dict):
             detail = _error_detail(body.get("error") or body.get("detail") or body)
-        except ValueError:
+        else:
             detail = r.text[:300].strip() or r.reason
         error = {503: UpstreamUnavailable, 504: UpstreamTimeout, 408: UpstreamTimeout}.get(
             r.status_code, UpstreamError)

@@ -154,6 +154,7 @@ class SSEStream:
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
         self.conn.request("POST", path, body=json.dumps(body).encode(),
                           headers={"Content-Type": "application/json", **(headers or {})})
+        self.sock = self.conn.sock  # getresponse() drops it when the answer will close the connection
         self.response = self.conn.getresponse()
         self.status = self.response.status
         self.headers = self.response.headers
@@ -176,7 +177,9 @@ class SSEStream:
                 yield "comment", block.decode(), time.monotonic()
 
     def close(self):
-        self.conn.sock.shutdown(socket.SHUT_RDWR)
+        """Leave the way a client that goes away does: the connection closes."""
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.response.close()
         self.conn.close()
 
 
