@@ -236,4 +236,14 @@ def parse_body(model, optional=False):
     data = request.get_json(silent=True)
     if data is None:
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.")
-    return parse(model, data)
+    return parse(model, checked_text(data))
+
+
+def checked_text(data):
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no text at
+    all: it cannot be stored or sent on. Refuse it as invalid JSON."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "invalid_json", "The JSON holds an unpaired surrogate (\\ud800-\\udfff).") from None
+    return data

@@ -11,7 +11,7 @@ from flask_sock import Sock
 
 from .chat import start_turn
 from .errors import ApiError
-from .models import ChatRequest, parse
+from .models import ChatRequest, checked_text, parse
 
 bp = Blueprint("ws", __name__, url_prefix="/api")
 sock = Sock()
@@ -29,7 +29,7 @@ def read_frame(raw):
         raise ApiError(400, "invalid_json", "The frame is not valid JSON.") from None
     if not isinstance(frame, dict) or frame.get("type") not in ("chat", "stop"):
         raise ApiError(422, "validation_error", 'A frame is a JSON object whose "type" is "chat" or "stop".')
-    return frame
+    return checked_text(frame)
 
 
 @sock.route("/chat/ws", bp=bp)
