@@ -31,6 +31,12 @@ DEFAULTS = {
     "SESSIONS_PAGE_LIMIT": 100,          # most sessions in one page of GET /api/sessions
     "MESSAGES_PAGE_LIMIT": 200,          # most messages in one page of GET /api/sessions/{id}/messages
     "IMPORT_MAX_BYTES": 16 * 1024 * 1024,  # body of POST /api/sessions/import (exports can be long)
+    # Access (chatbot/access.py)
+    "AUTH": "required",                  # or "disabled": no keys, every request is the owner 'local'
+    "RATE_LIMIT_PER_MINUTE": 600,        # requests per key, all workers together; 0: no limit
+    "MAX_STREAMS_PER_KEY": 16,           # replies being generated at once per key; 0: no limit
+    "CORS_ORIGINS": "",                  # comma-separated origins allowed from browsers, or "*"; "": CORS off
+    "LOG_CONTENT": False,                # put users' messages in the request log
 }
 
 
@@ -46,13 +52,14 @@ def create_app(test_config=None):
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    from . import chat, db, errors, health, sessions, ws
+    from . import access, chat, db, errors, health, openapi, sessions, ws
     from .llm import Upstream
 
     app.extensions["upstream"] = Upstream(app.config)
     db.init_app(app)
     errors.init_app(app)
-    for module in (sessions, chat, health, ws):
+    access.init_app(app)
+    for module in (sessions, chat, health, ws, openapi):
         app.register_blueprint(module.bp)
     ws.sock.init_app(app)
 

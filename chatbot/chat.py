@@ -6,10 +6,12 @@ import time
 from flask import Blueprint, Response, current_app, request
 
 from . import context, store
+from .access import too_many_streams
 from .db import get_db
-from .errors import ApiError, session_not_found
+from .errors import ApiError
 from .generation import Turn, client_watcher
 from .models import ChatRequest, parse_body
+from .sessions import session_or_404
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 
@@ -21,9 +23,7 @@ def start_turn(body, stream, client_gone=None):
     by a new one made from the same context (store.begin_turn)."""
     cfg = current_app.config
     conn = get_db()
-    session = store.get_session(conn, body.session_id)
-    if session is None:
-        raise session_not_found(body.session_id)
+    session = session_or_404(body.session_id)
     # The session's own system prompt, when it has one, replaces the default ("" means none).
     system_prompt = session["system_prompt"]
     if system_prompt is None:
@@ -38,9 +38,12 @@ def start_turn(body, stream, client_gone=None):
                        errors=[{"field": field, "detail": f"with the system prompt, longer than the context"
                                                           f" budget of {budget} tokens"}])
     try:
-        ids = store.begin_turn(conn, body.session_id, None if body.regenerate else body.message)
+        ids = store.begin_turn(conn, body.session_id, None if body.regenerate else body.message,
+                               cfg["MAX_STREAMS_PER_KEY"])
     except store.NothingToRegenerate:
         raise nothing_to_regenerate() from None
+    except store.TooManyTurns:
+        raise too_many_streams() from None
     if ids is None:
         raise ApiError(409, "generation_in_progress",
                        "A reply is still being generated for this session; wait for it or stop it.")
@@ -114,9 +117,7 @@ def sse(first, events, keepalive):
 
 @bp.post("/sessions/<session_id>/stop")
 def stop(session_id):
-    conn = get_db()
-    if store.get_session(conn, session_id) is None:
-        raise session_not_found(session_id)
-    if not store.request_stop(conn, session_id):
+    session_or_404(session_id)
+    if not store.request_stop(get_db(), session_id):
         raise ApiError(409, "nothing_to_stop", "No reply is being generated for this session.")
     return {"stopped": True}, 202

@@ -4,12 +4,14 @@ import time
 
 from flask import Blueprint, current_app
 
+from .access import public
 from .db import get_db
 
 bp = Blueprint("health", __name__, url_prefix="/api")
 
 
 @bp.get("/health")
+@public
 def health():
     started = time.monotonic()
     try:
@@ -19,6 +21,7 @@ def health():
         database = {"ok": False, "error": str(e)}
     database["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
     llm = current_app.extensions["upstream"].health()
+    auth = current_app.config["AUTH"]  # "disabled" here is the loud warning a monitor sees
     if not database["ok"]:
-        return {"status": "unavailable", "database": database, "llm": llm}, 503
-    return {"status": "ok" if llm["ok"] else "degraded", "database": database, "llm": llm}
+        return {"status": "unavailable", "database": database, "llm": llm, "auth": auth}, 503
+    return {"status": "ok" if llm["ok"] else "degraded", "database": database, "llm": llm, "auth": auth}

@@ -70,3 +70,42 @@ def conversations(conn):
     ).fetchall()
     for session_id, content in rows:
         conn.execute("UPDATE sessions SET title = ? WHERE session_id = ?", (make_title(content), session_id))
+
+
+@migration
+def add_api_keys(conn):
+    # key_id is the public part of a key (it finds the row); only a salted
+    # HMAC-SHA256 of the secret part is kept. One active key per name; the name
+    # owns the sessions, so a replaced key keeps its client's conversations.
+    conn.execute("""
+        CREATE TABLE api_keys (
+            key_id     TEXT PRIMARY KEY,
+            name       TEXT NOT NULL,
+            salt       TEXT NOT NULL,
+            hash       TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        )""")
+    conn.execute("CREATE UNIQUE INDEX api_keys_active_name ON api_keys (name) WHERE revoked_at IS NULL")
+
+
+@migration
+def add_session_owner(conn):
+    # Sessions made before keys existed belong to the owner used with
+    # CHATBOT_AUTH=disabled (and to a key named 'local').
+    conn.execute("ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT 'local'")
+    # The session list of one owner, most recently active first.
+    conn.execute("CREATE INDEX sessions_by_owner ON sessions (owner, activity_seq)")
+
+
+@migration
+def add_request_counts(conn):
+    # Requests per owner per fixed time slot: the per-key rate limit, shared by
+    # every worker process (a per-process counter would multiply the limit).
+    conn.execute("""
+        CREATE TABLE request_counts (
+            owner TEXT NOT NULL,
+            slot  INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (owner, slot)
+        ) WITHOUT ROWID""")

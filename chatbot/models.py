@@ -1,11 +1,15 @@
-"""Request bodies and query strings, validated with pydantic, and the helpers that parse them."""
+"""Request bodies, query strings and responses as pydantic models, and the
+helpers that parse requests. The OpenAPI description (chatbot/openapi.py) is
+generated from these models, so what is documented is what is validated."""
 import json
+from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
 
-from flask import current_app, request
-from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool,
-                      StringConstraints, ValidationError, field_validator, model_validator)
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from flask import current_app, has_app_context, request
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
+                      StrictFloat, StrictInt, StringConstraints, ValidationError, field_validator,
+                      model_validator)
+from pydantic_core import InitErrorDetails, PydanticCustomError, core_schema
 
 from . import context
 from .errors import ApiError, validation_error
@@ -22,11 +26,50 @@ class Query(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-def _at_most(value, setting):
-    limit = current_app.config[setting]
-    if value is not None and value > limit:
-        raise ValueError(f"must be at most {limit}")
-    return value
+class FromConfig:
+    """A limit read from configuration (`setting`), written into the OpenAPI
+    schema as `keyword` (or in words), so each deployment describes its own
+    limits. It only describes: the field's validator checks."""
+
+    def __init__(self, setting, keyword=None, words="at most {limit}"):
+        self.setting, self.keyword, self.words = setting, keyword, words
+
+    def __get_pydantic_json_schema__(self, schema, handler):
+        json_schema = handler(schema)
+        if has_app_context():   # the description is made inside a request
+            limit = current_app.config[self.setting]
+            if self.keyword:
+                json_schema[self.keyword] = limit
+            else:
+                json_schema["description"] = self.words.format(limit=limit)
+        return json_schema
+
+
+class AtMost(FromConfig):
+    """A FromConfig upper bound that is also checked. `measure` sizes the value."""
+
+    def __init__(self, setting, keyword="maximum", measure=None, too_big="must be at most {limit}"):
+        super().__init__(setting, keyword)
+        self.too_big = too_big
+        self.measure = measure or (lambda value: value)
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def check(self, value):
+        limit = current_app.config[self.setting]
+        if self.measure(value) > limit:
+            raise ValueError(self.too_big.format(limit=limit))
+        return value
+
+
+def _whole(value):
+    # JSON Schema counts 2.0 as an integer; a strict int would not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Some non-blank text: the schema says so with a pattern, the validators in words.
+NOT_BLANK = {"pattern": r"\S"}
 
 
 def _field_error(model, field, message):
@@ -64,10 +107,16 @@ def _system_prompt_fits(value):
     return value
 
 
-Metadata = Annotated[dict[str, Any], AfterValidator(_metadata_fits)]
-Title = Annotated[str, AfterValidator(_title_fits)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_metadata_fits),
+                     FromConfig("METADATA_MAX_BYTES", words="At most {limit} bytes of compact UTF-8 JSON.")]
+Title = Annotated[str, AfterValidator(_title_fits), Field(json_schema_extra=NOT_BLANK),
+                  FromConfig("TITLE_MAX_CHARS", words="At most {limit} characters, runs of spaces counted as one.")]
 # "" means no system prompt at all; None (null) means the configured default.
-SystemPrompt = Annotated[str, AfterValidator(_system_prompt_fits)]
+SystemPrompt = Annotated[str, AfterValidator(_system_prompt_fits), FromConfig("SYSTEM_PROMPT_MAX_CHARS", "maxLength")]
+# A user message: bounded in length (checked here) and not blank (ChatRequest checks).
+MessageText = Annotated[str, Field(json_schema_extra=NOT_BLANK),
+                        AtMost("MAX_MESSAGE_CHARS", "maxLength", len,
+                               too_big="message is longer than {limit} characters")]
 
 
 class CreateSession(Strict):
@@ -125,6 +174,14 @@ class ErrorInfo(Strict):
 
 
 class ConversationMessage(Strict):
+    # The checks of consistent(), for the OpenAPI description.
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"required": ["role"], "properties": {"role": {"enum": ["user", "system"]}}},
+         "then": {"properties": {"status": {"const": "complete"}}}},
+        {"if": {"required": ["status"], "properties": {"status": {"const": "failed"}}},
+         "then": {"properties": {"content": {"maxLength": 0}}}},
+    ]})
+
     message_id: Optional[str] = None   # informative: an import gives new ids
     role: Literal["user", "assistant", "system"]
     content: str
@@ -163,35 +220,26 @@ class Conversation(Strict):
 
 class ChatRequest(Strict):
     """A new message, or regenerate: true (and no message) to replace the last reply."""
+    # message_or_regenerate(), for the OpenAPI description.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["message"], "properties": {"message": {"type": "string"}, "regenerate": {"const": False}}},
+        {"required": ["regenerate"], "properties": {"message": {"type": "null"}, "regenerate": {"const": True}}},
+    ]})
     session_id: NonBlank
-    message: Optional[str] = None
+    message: Optional[MessageText] = None
     regenerate: StrictBool = False
-    max_new_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0.0)
-    do_sample: Optional[bool] = None
+    # Strict: "64" is not a number, nor 1 a boolean. Limits come from configuration (AtMost).
+    max_new_tokens: Optional[Annotated[StrictInt, Field(ge=1), BeforeValidator(_whole),
+                                       AtMost("MAX_NEW_TOKENS_LIMIT")]] = None
+    temperature: Optional[Annotated[StrictFloat, Field(ge=0.0), AtMost("TEMPERATURE_LIMIT")]] = None
+    do_sample: Optional[StrictBool] = None
 
-    # Limits come from configuration, so they are checked here rather than in Field().
     @field_validator("message")
     @classmethod
-    def message_fits(cls, value):
-        limit = current_app.config["MAX_MESSAGE_CHARS"]
-        if value is None:
-            return value
-        if not value.strip():
+    def message_not_blank(cls, value):
+        if value is not None and not value.strip():
             raise ValueError("message must not be empty")
-        if len(value) > limit:
-            raise ValueError(f"message is longer than {limit} characters")
         return value
-
-    @field_validator("max_new_tokens")
-    @classmethod
-    def max_new_tokens_fits(cls, value):
-        return _at_most(value, "MAX_NEW_TOKENS_LIMIT")
-
-    @field_validator("temperature")
-    @classmethod
-    def temperature_fits(cls, value):
-        return _at_most(value, "TEMPERATURE_LIMIT")
 
     @model_validator(mode="after")
     def message_or_regenerate(self):
@@ -247,3 +295,93 @@ def checked_text(data):
     except UnicodeEncodeError:
         raise ApiError(400, "invalid_json", "The JSON holds an unpaired surrogate (\\ud800-\\udfff).") from None
     return data
+
+
+# --- responses (for the OpenAPI description; the fuzz test checks real answers against them) ---
+
+class TokenUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: Optional[bool] = Field(default=None, description="true when counted by us, not the LLM server")
+
+
+class ReplyError(BaseModel):
+    code: str
+    detail: str
+
+
+class Session(BaseModel):
+    session_id: str
+    created_at: datetime
+    last_accessed: datetime
+    title: Optional[str]
+    metadata: dict[str, Any]
+    system_prompt: Optional[str] = Field(description="null: the configured default")
+    message_count: int
+
+
+class SessionList(BaseModel):
+    sessions: list[Session]
+    next_cursor: Optional[str]
+
+
+class Message(BaseModel):
+    message_id: str
+    session_id: str
+    role: Literal["user", "assistant", "system"]
+    content: str
+    created_at: datetime
+    status: Literal["complete", "incomplete", "failed"]
+    token_usage: Optional[TokenUsage]
+    finish_reason: Optional[str]
+    error: Optional[ReplyError]
+
+
+class StreamStart(BaseModel):
+    session_id: str
+    user_message_id: str
+    message_id: str
+
+
+class StreamDelta(BaseModel):
+    content: str
+
+
+class StreamError(BaseModel):
+    code: str
+    detail: str
+    message_id: str
+
+
+class MessageList(BaseModel):
+    session_id: str
+    messages: list[Message]
+    has_more: bool
+
+
+class Stopped(BaseModel):
+    stopped: Literal[True]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded", "unavailable"]
+    database: dict[str, Any]
+    llm: dict[str, Any]
+    auth: Literal["required", "disabled"]
+
+
+class FieldError(BaseModel):
+    field: str
+    detail: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with our machine-readable `code`."""
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: Optional[list[FieldError]] = Field(default=None, description="each failing field of a 422")

@@ -5,9 +5,10 @@ import re
 from datetime import timezone
 from urllib.parse import quote
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 
 from . import store
+from .access import current_owner
 from .db import get_db
 from .errors import ApiError, session_not_found
 from .models import (Conversation, CreateSession, ExportQuery, MessagesQuery, PatchSession, SessionsQuery,
@@ -19,23 +20,29 @@ MESSAGES_PAGE = 50   # page size when `before` is given without `limit`
 
 
 def session_or_404(session_id):
-    session = store.get_session(get_db(), session_id)
+    """The caller's session: every endpoint that takes a session id comes here,
+    so another key's session is a 404, the same as one that does not exist."""
+    session = store.get_session(get_db(), session_id, current_owner())
     if session is None:
         raise session_not_found(session_id)
+    g.session_id = session_id  # for the request log
     return session
 
 
 @bp.post("")
 def create():
     body = parse_body(CreateSession, optional=True)
-    return store.create_session(get_db(), body.metadata, body.title, body.system_prompt), 201
+    session = store.create_session(get_db(), body.metadata, body.title, body.system_prompt,
+                                   owner=current_owner())
+    g.session_id = session["session_id"]
+    return session, 201
 
 
 @bp.get("")
 def list_sessions():
     query = parse_query(SessionsQuery)
     after = decode_cursor(query.cursor) if query.cursor else None
-    sessions, following = store.list_sessions(get_db(), query.limit, after)
+    sessions, following = store.list_sessions(get_db(), query.limit, after, owner=current_owner())
     return {"sessions": sessions, "next_cursor": encode_cursor(following) if following else None}
 
 
@@ -70,7 +77,7 @@ def patch(session_id):
 
 @bp.delete("/<session_id>")
 def delete(session_id):
-    if not store.delete_session(get_db(), session_id):
+    if not store.delete_session(get_db(), session_id, current_owner()):
         raise session_not_found(session_id)
     return "", 204
 
@@ -153,7 +160,9 @@ def import_():
         session["created_at"] = utc_iso(body.session.created_at)
     messages = [{**m.model_dump(exclude={"message_id", "created_at"}), "created_at": utc_iso(m.created_at)}
                 for m in body.messages]
-    return store.import_session(get_db(), session, messages), 201
+    imported = store.import_session(get_db(), session, messages, owner=current_owner())
+    g.session_id = imported["session_id"]
+    return imported, 201
 
 
 def utc_iso(moment):

@@ -4,6 +4,7 @@ Functions take an open connection (see db.connect) and return plain dicts.
 Write transactions are short and never span a call to the upstream.
 """
 import json
+import math
 import os
 import threading
 import time
@@ -111,15 +112,15 @@ def _touch(db, session_id, now):
                (now, seq, session_id))
 
 
-def create_session(db, metadata, title=None, system_prompt=None, created_at=None, messages=()):
-    """A new session; `messages` (for an import) are stored with it in the same transaction."""
+def create_session(db, metadata, title=None, system_prompt=None, created_at=None, messages=(), *, owner):
+    """A new session of `owner`; `messages` (for an import) are stored with it in the same transaction."""
     session_id, now = new_id(), now_iso()
     with transaction(db):
         db.execute(
-            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata, title, system_prompt)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata, title, system_prompt, owner)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (session_id, created_at or now, now, json.dumps(metadata, ensure_ascii=False), title,
-             system_prompt),
+             system_prompt, owner),
         )
         for m in messages:
             db.execute(
@@ -130,16 +131,23 @@ def create_session(db, metadata, title=None, system_prompt=None, created_at=None
                  json.dumps(m["error"], ensure_ascii=False) if m.get("error") else None),
             )
         _touch(db, session_id, now)
-    return get_session(db, session_id)
+    return get_session(db, session_id, owner)
 
 
-def get_session(db, session_id):
-    row = db.execute(SESSION_SELECT + " WHERE s.session_id = ?", (session_id,)).fetchone()
+def get_session(db, session_id, owner):
+    """The session, or None when there is none with that id *for this owner*:
+    another owner's session is not found, exactly like one that does not exist."""
+    row = db.execute(SESSION_SELECT + " WHERE s.session_id = ? AND s.owner = ?", (session_id, owner)).fetchone()
     return _session(row) if row else None
 
 
-def list_sessions(db, limit, after=None):
-    """A page of sessions, most recently active first: (sessions, where the next page starts).
+def _reread(db, session_id):
+    """A session just changed by a caller that has checked its owner."""
+    return _session(db.execute(SESSION_SELECT + " WHERE s.session_id = ?", (session_id,)).fetchone())
+
+
+def list_sessions(db, limit, after=None, *, owner):
+    """A page of `owner`'s sessions, most recently active first: (sessions, where the next page starts).
 
     Sessions are ranked by their latest activity seq as it stood at a snapshot:
     the first page takes the newest activity as its snapshot; `after` is
@@ -160,15 +168,15 @@ def list_sessions(db, limit, after=None):
     rows = db.execute(
         "WITH page AS (SELECT session_id, list_rank FROM ("
         " SELECT * FROM (SELECT session_id, activity_seq AS list_rank FROM sessions"
-        "  WHERE activity_seq < :before ORDER BY activity_seq DESC LIMIT :n)"
+        "  WHERE owner = :owner AND activity_seq < :before ORDER BY activity_seq DESC LIMIT :n)"
         " UNION ALL"
         " SELECT * FROM (SELECT session_id, (SELECT max(a.seq) FROM session_activity a"
         "  WHERE a.session_id = moved.session_id AND a.seq <= :snapshot) AS list_rank"
-        "  FROM sessions moved WHERE activity_seq > :snapshot) WHERE list_rank < :before"
+        "  FROM sessions moved WHERE owner = :owner AND activity_seq > :snapshot) WHERE list_rank < :before"
         ") ORDER BY list_rank DESC LIMIT :n)"
         f" SELECT {SESSION_COLUMNS}, page.list_rank FROM sessions s JOIN page USING (session_id)"
         " ORDER BY page.list_rank DESC",
-        {"snapshot": snapshot, "before": before_rank, "n": limit + 1},
+        {"snapshot": snapshot, "before": before_rank, "n": limit + 1, "owner": owner},
     ).fetchall()
     following = (snapshot, rows[limit - 1]["list_rank"]) if len(rows) > limit else None
     return [_session(r) for r in rows[:limit]], following
@@ -189,22 +197,23 @@ def update_session(db, session_id, changes):
             db.execute(f"UPDATE sessions SET {', '.join(f'{k} = ?' for k in columns)} WHERE session_id = ?",
                        (*columns.values(), session_id))
         _touch(db, session_id, now_iso())
-    return get_session(db, session_id)
+    return _reread(db, session_id)
 
 
-def import_session(db, session, messages):
+def import_session(db, session, messages, *, owner):
     """A new session (new id) holding an exported conversation: messages keep
     their order, role, content, status, times and usage, under new ids."""
     title = session.get("title")
     if title is None:
         title = next((make_title(m["content"]) for m in messages if m["role"] == "user"), None)
     return create_session(db, session.get("metadata") or {}, title, session.get("system_prompt"),
-                          session.get("created_at"), messages)
+                          session.get("created_at"), messages, owner=owner)
 
 
-def delete_session(db, session_id):
+def delete_session(db, session_id, owner):
     with transaction(db):
-        return db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
+        return db.execute("DELETE FROM sessions WHERE session_id = ? AND owner = ?",
+                          (session_id, owner)).rowcount > 0
 
 
 def list_messages(db, session_id):
@@ -265,7 +274,11 @@ def _insert_message(db, session_id, role, content, status, now):
     return message_id
 
 
-def begin_turn(db, session_id, user_text=None):
+class TooManyTurns(Exception):
+    """The session's owner already has as many replies running as it may."""
+
+
+def begin_turn(db, session_id, user_text=None, max_per_owner=0):
     """Store the user message and a pending reply, and take the session's marker.
 
     With user_text None, regenerate instead: the reply after the last user
@@ -273,18 +286,22 @@ def begin_turn(db, session_id, user_text=None):
     the pending reply answers that user message again; NothingToRegenerate
     when there is no such reply.
 
-    One short IMMEDIATE transaction, so two workers cannot both take the marker.
-    Returns (user_message_id, reply_id), or None when another reply is running.
+    One short IMMEDIATE transaction, so two workers cannot both take the marker,
+    nor together exceed the owner's limit of running replies (0: no limit).
+    Returns (user_message_id, reply_id), or None when another reply is running
+    in this session; raises TooManyTurns when the owner is at its limit.
     """
     with transaction(db):
         row = db.execute(
-            "SELECT generating_message_id, generating_pid, heartbeat FROM sessions WHERE session_id = ?",
+            "SELECT generating_message_id, generating_pid, heartbeat, owner FROM sessions WHERE session_id = ?",
             (session_id,),
         ).fetchone()
         if row["generating_message_id"]:
             if not _abandoned(row):
                 return None
             _recover(db, session_id, row["generating_message_id"])
+        if max_per_owner and running_turns(db, row["owner"]) >= max_per_owner:
+            raise TooManyTurns(row["owner"])  # rolls the transaction back
         now = now_iso()
         if user_text is None:
             user_id = _drop_last_reply(db, session_id)
@@ -312,6 +329,16 @@ def _drop_last_reply(db, session_id):
     ).rowcount:
         raise NothingToRegenerate(session_id)
     return last["message_id"]
+
+
+def running_turns(db, owner):
+    """How many replies of this owner are being generated (abandoned markers excluded)."""
+    (count,) = db.execute(
+        "SELECT count(*) FROM sessions WHERE owner = ? AND generating_message_id IS NOT NULL"
+        " AND heartbeat >= ?",
+        (owner, time.time() - STALE_SECONDS),
+    ).fetchone()
+    return count
 
 
 def heartbeat(db, replies):
@@ -420,3 +447,65 @@ def recover_dead_generations(db, pid=None):
         " WHERE status = 'pending' AND message_id NOT IN"
         " (SELECT generating_message_id FROM sessions WHERE generating_message_id IS NOT NULL)"
     )
+
+
+# API keys: rows are made and checked by chatbot/access.py, which owns the hashing.
+
+def insert_api_key(db, key_id, name, salt, key_hash):
+    with transaction(db):
+        db.execute("INSERT INTO api_keys (key_id, name, salt, hash, created_at) VALUES (?, ?, ?, ?, ?)",
+                   (key_id, name, salt, key_hash, now_iso()))
+
+
+def find_api_key(db, key_id):
+    """The active key with this id, or None."""
+    return db.execute("SELECT * FROM api_keys WHERE key_id = ? AND revoked_at IS NULL", (key_id,)).fetchone()
+
+
+def active_api_key_named(db, name):
+    return db.execute("SELECT * FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone()
+
+
+def revoke_api_key(db, name):
+    """Revoke the active key of this name; False when there is none."""
+    with transaction(db):
+        return db.execute("UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                          (now_iso(), name)).rowcount > 0
+
+
+def list_api_keys(db):
+    return db.execute("SELECT key_id, name, created_at, revoked_at FROM api_keys"
+                      " ORDER BY revoked_at IS NOT NULL, name, created_at").fetchall()
+
+
+def take_request(db, owner, limit, period, now=None):
+    """Count one request of `owner` against `limit` requests per `period` seconds.
+
+    The rate is a sliding window estimated from two fixed slots (the previous
+    slot's count weighted by how much of it still lies within the window), so a
+    client cannot send twice the limit around a slot boundary. Returns 0 when
+    the request may go ahead (and counts it), else the seconds to wait.
+    """
+    now = time.time() if now is None else now
+    slot = int(now // period)
+    elapsed = now - slot * period
+    with transaction(db):
+        counts = dict(db.execute("SELECT slot, count FROM request_counts WHERE owner = ? AND slot >= ?",
+                                 (owner, slot - 1)).fetchall())
+        current, previous = counts.get(slot, 0), counts.get(slot - 1, 0)
+        if current + 1 + previous * (1 - elapsed / period) > limit:
+            return _wait(limit, period, elapsed, current, previous)
+        db.execute("INSERT INTO request_counts (owner, slot, count) VALUES (?, ?, 1)"
+                   " ON CONFLICT (owner, slot) DO UPDATE SET count = count + 1", (owner, slot))
+        db.execute("DELETE FROM request_counts WHERE owner = ? AND slot < ?", (owner, slot - 1))
+    return 0
+
+
+def _wait(limit, period, elapsed, current, previous):
+    """Seconds until one more request fits the sliding window."""
+    if current + 1 > limit:
+        # Not in this slot; in the next one this slot's count is the weighted one.
+        at = period + period * (1 - (limit - 1) / current)
+    else:
+        at = period * (1 - (limit - current - 1) / previous)
+    return max(1, math.ceil(at - elapsed))

@@ -86,8 +86,18 @@ def standin_log(standin):
 
 
 @pytest.fixture
-def app(tmp_path, standin):
-    return create_app({"TESTING": True, "DATABASE": str(tmp_path / "test.sqlite"), "LLM_URL": standin})
+def make_app(tmp_path, standin):
+    """make_app(**config) -> an app on this test's database. API keys are off
+    unless a test turns them on (AUTH="required"): see tests/test_access.py."""
+    def make(**config):
+        return create_app({"TESTING": True, "DATABASE": str(tmp_path / "test.sqlite"), "LLM_URL": standin,
+                           "AUTH": "disabled", **config})
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
 
 
 @pytest.fixture
@@ -128,11 +138,13 @@ def start_server(tmp_path, standin):
 
     env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1");
     None removes a setting (start_server(CHATBOT_THREADS=None): gunicorn.conf.py's default).
+    API keys are off unless a test passes CHATBOT_AUTH="required".
     """
     servers = []
 
     def start(db_path=None, **env):
-        env = {"CHATBOT_LLM_URL": standin, "CHATBOT_WORKERS": "2", "CHATBOT_THREADS": "16", **env}
+        env = {"CHATBOT_LLM_URL": standin, "CHATBOT_WORKERS": "2", "CHATBOT_THREADS": "16",
+               "CHATBOT_AUTH": "disabled", **env}
         servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", env))
         return servers[-1]
     yield start

@@ -1,0 +1,178 @@
+"""GET /api/openapi.json: an OpenAPI 3.1 description of the API.
+
+Paths and methods come from the app's URL map, schemas from the pydantic
+models (chatbot/models.py) with this deployment's configured limits; only what
+each endpoint takes and answers is written here, keyed by endpoint name. A
+route missing from OPERATIONS is missing from the description, and the tests
+fail on it; real answers are checked against the schemas by the fuzz test.
+"""
+import re
+
+from flask import Blueprint, current_app
+from pydantic.json_schema import models_json_schema
+
+from .access import public
+from .models import (ChatRequest, CreateSession, Health, Message, MessageList, Problem, Session,
+                     Stopped, StreamDelta, StreamError, StreamStart)
+
+bp = Blueprint("openapi", __name__, url_prefix="/api")
+
+
+class Op:
+    """What one endpoint takes and answers. `ok` is (status, model, description);
+    model None means no body, "sse" an event stream. `errors` are the statuses an
+    endpoint itself may answer; those of every endpoint are added by build()."""
+
+    def __init__(self, summary, ok, body=None, body_required=True, errors=(), tags=()):
+        self.summary, self.ok, self.body, self.body_required = summary, ok, body, body_required
+        self.errors, self.tags = errors, tags
+
+
+UPSTREAM = (502, 503, 504)
+OPERATIONS = {
+    "sessions.create": Op("Create a session", (201, Session, "The new session"),
+                          body=CreateSession, body_required=False, tags=["sessions"]),
+    "sessions.get": Op("A session", (200, Session, "The session"), errors=(404,), tags=["sessions"]),
+    "sessions.delete": Op("Delete a session and its messages", (204, None, "Deleted"),
+                          errors=(404,), tags=["sessions"]),
+    "sessions.messages": Op("A session's messages, oldest first", (200, MessageList, "The messages"),
+                            errors=(404,), tags=["sessions"]),
+    "chat.chat": Op("One chat turn, answered as a whole", (200, Message, "The assistant's reply"),
+                    body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
+    "chat.chat_stream": Op("One chat turn, streamed as Server-Sent Events",
+                           (200, "sse", "Events start, delta..., then done or error"),
+                           body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
+    "chat.stop": Op("Stop the reply being generated", (202, Stopped, "The reply is being stopped"),
+                    errors=(404, 409), tags=["chat"]),
+    "health.health": Op("Health of the database and the LLM server", (200, Health, "ok or degraded"),
+                        errors=(503,), tags=["service"]),
+    "openapi.openapi": Op("This description", (200, "document", "OpenAPI 3.1"), tags=["service"]),
+}
+
+BODY_ERRORS = (400, 413, 415, 422)
+ERROR_TEXT = {
+    400: "The body is not valid JSON (invalid_json)",
+    401: "No API key, or not a valid one (unauthorized)",
+    404: "No such session for this key (session_not_found)",
+    409: "A reply is being generated (generation_in_progress), or none is (nothing_to_stop)",
+    413: "The body is too large (payload_too_large)",
+    415: "The body is not application/json (unsupported_media_type)",
+    422: "The body does not validate (validation_error), with the failing fields",
+    429: "Too many requests (rate_limited) or replies at once (too_many_streams) for this key",
+    502: "The LLM server answered with an error (upstream_error)",
+    503: "The LLM server cannot be reached (upstream_unavailable)",
+    504: "The LLM server did not answer in time (upstream_timeout)",
+}
+HEADERS = {
+    401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
+    429: {"Retry-After": {"required": True, "description": "seconds", "schema": {"type": "string"}}},
+}
+REQUEST_MODELS = (CreateSession, ChatRequest)
+RESPONSE_MODELS = (Session, Message, MessageList, Stopped, Health, Problem, StreamStart, StreamDelta,
+                   StreamError)
+
+
+def _ref(model):
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _event(name, model, numbered=False):
+    """One Server-Sent Event: its name, and its data as JSON of `model`."""
+    properties = {"event": {"const": name},
+                  "data": {"type": "string", "contentMediaType": "application/json",
+                           "contentSchema": _ref(model)}}
+    if numbered:
+        properties["id"] = {"type": "string", "pattern": "^[0-9]+$"}
+    return {"type": "object", "required": ["event", "data"], "properties": properties}
+
+
+# Each event of the stream (OpenAPI 3.1: the schema of an event-stream describes one event).
+STREAM_EVENT = {"oneOf": [_event("start", StreamStart), _event("delta", StreamDelta, numbered=True),
+                          _event("done", Message), _event("error", StreamError)]}
+
+
+def _path(rule):
+    """/api/sessions/<session_id> -> /api/sessions/{session_id}"""
+    return re.sub(r"<(?:[^<>:]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def _responses(op, endpoint, secured):
+    status, model, description = op.ok
+    ok = {"description": description}
+    if model == "sse":
+        ok["content"] = {"text/event-stream": {"schema": STREAM_EVENT}}
+    elif model == "document":
+        ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+    elif model is not None:
+        ok["content"] = {"application/json": {"schema": _ref(model)}}
+    responses = {str(status): ok}
+    errors = set(op.errors) | (set(BODY_ERRORS) if op.body else set()) | ({401, 429} if secured else set())
+    for code in sorted(errors):
+        if endpoint == "health.health" and code == 503:
+            responses["503"] = {"description": "The database is unusable",
+                                "content": {"application/json": {"schema": _ref(Health)}}}
+            continue
+        responses[str(code)] = {"description": ERROR_TEXT[code],
+                                "content": {"application/problem+json": {"schema": _ref(Problem)}},
+                                **({"headers": HEADERS[code]} if code in HEADERS else {})}
+    return responses
+
+
+def _links():
+    """A created session's id feeds the endpoints that take one (used by the
+    fuzzer's stateful phase, and by readers)."""
+    return {
+        name: {"operationId": name, "parameters": {"session_id": "$response.body#/session_id"}}
+        for name in ("sessions.get", "sessions.messages", "chat.stop", "sessions.delete")
+        if name in current_app.view_functions
+    }
+
+
+def build():
+    secured_app = current_app.config["AUTH"] != "disabled"
+    paths = {}
+    for rule in current_app.url_map.iter_rules():
+        op = OPERATIONS.get(rule.endpoint)
+        if op is None:
+            continue
+        view = current_app.view_functions[rule.endpoint]
+        secured = secured_app and not getattr(view, "public", False)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            operation = {"operationId": rule.endpoint, "summary": op.summary, "tags": list(op.tags),
+                         "responses": _responses(op, rule.endpoint, secured)}
+            if not secured:
+                operation["security"] = []
+            names = re.findall(r"<(?:[^<>:]+:)?([^<>]+)>", rule.rule)
+            if names:
+                operation["parameters"] = [{"name": n, "in": "path", "required": True,
+                                            "schema": {"type": "string"}} for n in names]
+            if op.body is not None:
+                operation["requestBody"] = {"required": op.body_required,
+                                            "content": {"application/json": {"schema": _ref(op.body)}}}
+            if rule.endpoint == "sessions.create":
+                operation["responses"]["201"]["links"] = _links()
+            paths.setdefault(_path(rule.rule), {})[method.lower()] = operation
+
+    _, schemas = models_json_schema(
+        [(m, "validation") for m in REQUEST_MODELS] + [(m, "serialization") for m in RESPONSE_MODELS],
+        ref_template="#/components/schemas/{model}")
+    document = {
+        "openapi": "3.1.0",
+        "info": {"title": "chatbot", "version": "1",
+                 "description": "A chat backend between chat clients and an LLM server. Every error is "
+                                "application/problem+json with a machine-readable `code`."},
+        "paths": dict(sorted(paths.items())),
+        "components": {"schemas": schemas["$defs"]},
+    }
+    if secured_app:
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "An API key from `flask --app chatbot create-api-key NAME`"}}
+        document["security"] = [{"bearer": []}]
+    return document
+
+
+@bp.get("/openapi.json")
+@public
+def openapi():
+    return build()
