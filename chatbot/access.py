@@ -22,6 +22,7 @@ import time
 
 import click
 from flask import current_app, g, request
+from flask.cli import with_appcontext
 
 from . import store
 from .db import get_db
@@ -33,7 +34,7 @@ KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 STREAM_RETRY_AFTER = 5   # seconds; a running reply may end any moment, or in minutes
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("chatbot.access")
+access_log = logging.getLogger("chatbot.requests")
 
 
 def public(view):
@@ -157,6 +158,7 @@ def _setup_access_log():
 @click.argument("name")
 @click.option("--if-missing", is_flag=True, help="Do nothing when NAME has an active key already.")
 @click.option("--replace", is_flag=True, help="Revoke NAME's active key first (its sessions stay NAME's).")
+@with_appcontext
 def create_api_key_command(name, if_missing, replace):
     """Create an API key for NAME and print it (only this once)."""
     if not KEY_NAME.match(name):
@@ -178,6 +180,7 @@ def create_api_key_command(name, if_missing, replace):
 
 @click.command("revoke-api-key")
 @click.argument("name")
+@with_appcontext
 def revoke_api_key_command(name):
     """Revoke NAME's API key at once (its sessions are kept)."""
     if not store.revoke_api_key(get_db(), name):
@@ -186,6 +189,7 @@ def revoke_api_key_command(name):
 
 
 @click.command("list-api-keys")
+@with_appcontext
 def list_api_keys_command():
     """List API keys (names and ids, never the keys)."""
     for row in store.list_api_keys(get_db()):

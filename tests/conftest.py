@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from chatbot import create_app
+from chatbot import access, create_app, db
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,9 +54,16 @@ class Process:
     def __init__(self, args, url, health_path, env=None):
         self.url = url
         env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # stderr goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of
+        # log lines) and then blocks the server.
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
         wait_until_up(url + health_path, self.proc)
+
+    def output(self):
+        """Everything the process wrote to stderr so far."""
+        self.stderr.seek(0)
+        return self.stderr.read().decode("utf-8", "replace")
 
     def stop(self):
         stop_process(self.proc)
@@ -123,8 +131,25 @@ class Gunicorn(Process):
         super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
                          f"http://127.0.0.1:{port}", "/api/health", env)
 
-    def new_session(self):
-        return requests.post(self.url + "/api/sessions").json()["session_id"]
+    def new_session(self, headers=None):
+        return requests.post(self.url + "/api/sessions", headers=headers).json()["session_id"]
+
+    def new_key(self, name):
+        """Authorization headers with a new API key for `name` (for CHATBOT_AUTH=required)."""
+        return bearer(new_api_key(self.db_path, name))
+
+
+def new_api_key(db_path, name):
+    """A new API key for `name`, made by the service's own code in its database."""
+    conn = db.connect(str(db_path))
+    try:
+        return access.create_key(conn, name)
+    finally:
+        conn.close()
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
 
     def get(self, path):
         return requests.get(self.url + path).json()
