@@ -16,7 +16,9 @@ worker_connections = threads
 timeout = 30
 graceful_timeout = int(os.environ.get("CHATBOT_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
-accesslog = "-"
+# No access log here: chatbot/access.py logs each request as one JSON line, with the
+# key name and session id, written when the response (a whole stream) is done.
+accesslog = None
 wsgi_app = "wsgi:app"
 
 

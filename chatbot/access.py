@@ -96,9 +96,11 @@ def authenticate():
 def check_request():
     g.started = time.monotonic()
     g.key_name = None
-    if request.method == "OPTIONS" or request.routing_exception is not None:
-        return  # CORS preflights carry no key; unknown paths get their 404/405
-    view = current_app.view_functions.get(request.endpoint)
+    if request.method == "OPTIONS":
+        return  # CORS preflights carry no key
+    # Routing errors too need a key: an unknown path, a wrong method or a plain
+    # GET of the WebSocket says 401 to a caller without one, not what is there.
+    view = current_app.view_functions.get(request.endpoint) if request.routing_exception is None else None
     if getattr(view, "public", False):
         return
     g.owner, g.key_name = authenticate()
@@ -144,12 +146,13 @@ def log_request(response):
 
 def _setup_access_log():
     """JSON lines on stderr, on their own (not behind the root logger's prefix)."""
-    if not access_log.handlers:
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+    if not any(getattr(h, "chatbot_json_lines", False) for h in access_log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.chatbot_json_lines = True  # create_app runs many times in one test process
         access_log.addHandler(handler)
-        access_log.setLevel(logging.INFO)
-        access_log.propagate = False
 
 
 # --- CLI ----------------------------------------------------------------

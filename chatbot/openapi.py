@@ -44,6 +44,9 @@ OPERATIONS = {
                            body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
     "chat.stop": Op("Stop the reply being generated", (202, Stopped, "The reply is being stopped"),
                     errors=(404, 409), tags=["chat"]),
+    "ws.chat_ws": Op("Chat turns over a WebSocket: JSON frames chat/stop in, start/delta/done/error out",
+                     (101, None, "Switching Protocols (a plain GET without the upgrade is a 400)"),
+                     errors=(400,), tags=["chat"]),
     "health.health": Op("Health of the database and the LLM server", (200, Health, "ok or degraded"),
                         errors=(503,), tags=["service"]),
     "openapi.openapi": Op("This description", (200, "document", "OpenAPI 3.1"), tags=["service"]),
@@ -51,7 +54,7 @@ OPERATIONS = {
 
 BODY_ERRORS = (400, 413, 415, 422)
 ERROR_TEXT = {
-    400: "The body is not valid JSON (invalid_json)",
+    400: "The body is not valid JSON (invalid_json), or not a WebSocket upgrade (bad_request)",
     401: "No API key, or not a valid one (unauthorized)",
     404: "No such session for this key (session_not_found)",
     409: "A reply is being generated (generation_in_progress), or none is (nothing_to_stop)",

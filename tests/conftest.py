@@ -138,6 +138,9 @@ class Gunicorn(Process):
         """Authorization headers with a new API key for `name` (for CHATBOT_AUTH=required)."""
         return bearer(new_api_key(self.db_path, name))
 
+    def get(self, path, headers=None):
+        return requests.get(self.url + path, headers=headers).json()
+
 
 def new_api_key(db_path, name):
     """A new API key for `name`, made by the service's own code in its database."""
@@ -150,9 +153,6 @@ def new_api_key(db_path, name):
 
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
-
-    def get(self, path):
-        return requests.get(self.url + path).json()
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
 """API keys, who owns a session, and CORS."""
 import hashlib
+import json
 import logging
 import sqlite3
 import uuid
 
 import pytest
+import websocket
 
 from chatbot import access
 from conftest import bearer, new_api_key
@@ -250,3 +252,37 @@ def test_configured_origins_get_cors_headers_and_preflights_need_no_key(make_app
 
     stranger = client.get("/api/health", headers={"Origin": "https://evil.example.net"})
     assert "Access-Control-Allow-Origin" not in stranger.headers
+
+
+# --- the WebSocket (a real gunicorn process) -------------------------------------------
+
+def ws_connect(server, headers):
+    return websocket.create_connection(server.url.replace("http", "ws") + "/api/chat/ws", timeout=15,
+                                       header=[f"{k}: {v}" for k, v in headers.items()])
+
+
+def test_the_websocket_needs_a_key_and_reaches_only_its_own_sessions(start_server):
+    server = start_server(CHATBOT_AUTH="required")
+    alice, mallory = server.new_key("alice"), server.new_key("mallory")
+    sid = server.new_session(alice)
+
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        ws_connect(server, {})
+    assert refused.value.status_code == 401
+
+    ws = ws_connect(server, mallory)
+    try:
+        ws.send(json.dumps({"type": "chat", "session_id": sid, "message": "hi"}))
+        error = json.loads(ws.recv())
+        assert error["type"] == "error" and error["code"] == "session_not_found"
+    finally:
+        ws.close()
+    assert server.get(f"/api/sessions/{sid}", headers=alice)["message_count"] == 0
+
+    ws = ws_connect(server, alice)
+    try:
+        ws.send(json.dumps({"type": "chat", "session_id": sid, "message": "hi @@words=2"}))
+        frames = [json.loads(ws.recv()) for _ in range(4)]
+        assert [f["type"] for f in frames] == ["start", "delta", "delta", "done"]
+    finally:
+        ws.close()

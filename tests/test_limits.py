@@ -169,7 +169,6 @@ def test_replies_at_once_are_limited_per_key_across_workers(start_server):
     assert theirs.status_code == 200
 
     assert [e[0] for e in events][-1] == "done"
-    running.close()
     again = requests.post(server.url + "/api/chat", json={"session_id": second, "message": "hi"}, headers=alice)
     assert again.status_code == 200
 
