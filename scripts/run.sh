@@ -107,6 +107,22 @@ esac
 say "Preparing the database"
 "$bin/flask" --app chatbot init-db
 
+# An API key for the README's examples: made once, kept in instance/local-api-key
+# (readable by you only; the service stores only a hash of it). Made anew when
+# the file is missing, so the file always holds the working key of 'local'.
+key_file=instance/local-api-key
+if [ "${CHATBOT_AUTH:-}" = disabled ] || { [ -z "${CHATBOT_AUTH:-}" ] && grep -qs '^CHATBOT_AUTH=disabled' .env; }; then
+    say "CHATBOT_AUTH=disabled: NO API KEYS ARE CHECKED; anyone who can reach the service reads every conversation"
+else
+    if [ -s "$key_file" ]; then
+        key=$("$bin/flask" --app chatbot create-api-key local --if-missing)
+    else
+        key=$("$bin/flask" --app chatbot create-api-key local --replace)
+    fi
+    if [ -n "$key" ]; then (umask 077; printf '%s\n' "$key" > "$key_file"); fi
+    say "API key 'local' in $key_file: send it as -H \"Authorization: Bearer \$(cat $key_file)\""
+fi
+
 say "Chatbot backend on http://${CHATBOT_BIND:-127.0.0.1:5000} (LLM: ${CHATBOT_LLM_URL:-see .env}). Ctrl-C stops everything."
 # gunicorn runs in the background so that this script can pass a stop signal on
 # and then stop the LLM server (the EXIT trap) once gunicorn has finished.

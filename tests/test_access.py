@@ -115,6 +115,16 @@ def test_a_missing_or_wrong_key_is_401_with_www_authenticate(secured_client, hea
     assert answer.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+def test_unknown_paths_and_methods_need_a_key_too(secured_client, keys):
+    # Without a key nothing is told about what exists: 401 everywhere but the public views.
+    assert secured_client.get("/api/nothing-here").status_code == 401
+    assert secured_client.put("/api/sessions").status_code == 401
+    assert secured_client.get("/api/chat/ws").status_code == 401   # a plain GET of the WebSocket
+    alice = keys("alice")
+    assert secured_client.get("/api/nothing-here", headers=alice).json["code"] == "not_found"
+    assert secured_client.put("/api/sessions", headers=alice).json["code"] == "method_not_allowed"
+
+
 def test_a_right_key_id_with_a_wrong_secret_is_401(secured_client, keys):
     key = keys("erin")["Authorization"].split()[1]
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
