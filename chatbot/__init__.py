@@ -34,7 +34,7 @@ DEFAULTS = {
     # Access (chatbot/access.py)
     "AUTH": "required",                  # or "disabled": no keys, every request is the owner 'local'
     "RATE_LIMIT_PER_MINUTE": 600,        # requests per key, all workers together; 0: no limit
-    "MAX_STREAMS_PER_KEY": 16,           # replies being generated at once per key; 0: no limit
+    "MAX_STREAMS_PER_KEY": 64,           # replies being generated at once per key; 0: no limit
     "CORS_ORIGINS": "",                  # comma-separated origins allowed from browsers, or "*"; "": CORS off
     "LOG_CONTENT": False,                # put users' messages in the request log
 }

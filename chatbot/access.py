@@ -104,12 +104,18 @@ def check_request():
     if getattr(view, "public", False):
         return
     g.owner, g.key_name = authenticate()
-    limit = current_app.config["RATE_LIMIT_PER_MINUTE"]
+    limit = per_key_limit("RATE_LIMIT_PER_MINUTE")
     if limit:
         wait = store.take_request(get_db(), g.owner, limit, 60)
         if wait:
             raise ApiError(429, "rate_limited", f"More than {limit} requests per minute with this key.",
                            headers={"Retry-After": str(wait)})
+
+
+def per_key_limit(setting):
+    """A per-key limit, or 0 (none) when keys are off: then every client is the
+    one owner 'local', and a shared budget would throttle them all together."""
+    return current_app.config[setting] if current_app.config["AUTH"] == "required" else 0
 
 
 def too_many_streams():

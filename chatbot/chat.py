@@ -6,7 +6,7 @@ import time
 from flask import Blueprint, Response, current_app, request
 
 from . import context, store
-from .access import too_many_streams
+from .access import per_key_limit, too_many_streams
 from .db import get_db
 from .errors import ApiError
 from .generation import Turn, client_watcher
@@ -39,7 +39,7 @@ def start_turn(body, stream, client_gone=None):
                                                           f" budget of {budget} tokens"}])
     try:
         ids = store.begin_turn(conn, body.session_id, None if body.regenerate else body.message,
-                               cfg["MAX_STREAMS_PER_KEY"])
+                               per_key_limit("MAX_STREAMS_PER_KEY"))
     except store.NothingToRegenerate:
         raise nothing_to_regenerate() from None
     except store.TooManyTurns:

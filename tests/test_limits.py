@@ -38,8 +38,8 @@ def test_a_message_over_max_message_chars_is_422(make_app):
     assert client.post("/api/chat", json={"session_id": sid, "message": "가" * 10}).status_code == 200
 
 
-def test_metadata_over_max_metadata_bytes_is_422(make_app):
-    client = make_app(MAX_METADATA_BYTES=100).test_client()
+def test_metadata_over_metadata_max_bytes_is_422(make_app):
+    client = make_app(METADATA_MAX_BYTES=100).test_client()
     # Bytes of JSON, not characters: a Hangul syllable is 3 bytes.
     assert failing_fields(client.post("/api/sessions", json={"metadata": {"k": "가" * 40}})) == ["metadata"]
     assert client.post("/api/sessions", json={"metadata": {"k": "가" * 25}}).status_code == 201
@@ -91,8 +91,21 @@ def test_the_request_rate_is_limited_per_key(make_app):
 
 
 def test_no_rate_limit_when_it_is_zero(make_app):
-    client = make_app(RATE_LIMIT_PER_MINUTE=0).test_client()
-    assert all(client.post("/api/sessions").status_code == 201 for _ in range(20))
+    app = make_app(AUTH="required", RATE_LIMIT_PER_MINUTE=0)
+    alice = bearer(new_api_key(app.config["DATABASE"], "alice"))
+    assert all(app.test_client().post("/api/sessions", headers=alice).status_code == 201 for _ in range(20))
+
+
+def test_no_per_key_limits_without_keys(make_app):
+    # With keys off every client is the owner 'local': one shared budget would throttle them all.
+    client = make_app(AUTH="disabled", RATE_LIMIT_PER_MINUTE=3, MAX_STREAMS_PER_KEY=1).test_client()
+    sessions = [client.post("/api/sessions").json["session_id"] for _ in range(5)]
+    streams = [client.post("/api/chat/stream", json={"session_id": sid, "message": "hi @@words=2"})
+               for sid in sessions]   # none read yet: all five replies are being generated at once
+    assert [s.status_code for s in streams] == [200] * 5
+    for stream in streams:
+        stream.get_data()
+        stream.close()
 
 
 @pytest.fixture
