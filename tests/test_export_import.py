@@ -78,7 +78,8 @@ def test_exporting_an_unknown_session_is_404(client):
 
 def test_an_export_imports_into_another_server(client, conversation, tmp_path, standin, standin_log):
     document = json.loads(export(client, conversation).data)
-    other = create_app({"TESTING": True, "DATABASE": str(tmp_path / "other.sqlite"), "LLM_URL": standin})
+    other = create_app({"TESTING": True, "DATABASE": str(tmp_path / "other.sqlite"), "LLM_URL": standin,
+                        "AUTH": "disabled"})
     there = other.test_client()
     response = there.post("/api/sessions/import", json=document)
     assert response.status_code == 201, response.json

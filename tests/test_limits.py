@@ -187,8 +187,8 @@ def test_replies_at_once_are_limited_per_key_across_workers(start_server):
 
 
 def test_a_stale_marker_does_not_count(conn):
-    sid = store.create_session(conn, {}, "k")["session_id"]
-    other = store.create_session(conn, {}, "k")["session_id"]
+    sid = store.create_session(conn, {}, owner="k")["session_id"]
+    other = store.create_session(conn, {}, owner="k")["session_id"]
     assert store.begin_turn(conn, sid, "hi", max_per_owner=1) is not None
     with pytest.raises(store.TooManyTurns):
         store.begin_turn(conn, other, "hi", max_per_owner=1)

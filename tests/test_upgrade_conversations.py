@@ -2,6 +2,7 @@
 import sqlite3
 
 from chatbot import create_app
+from chatbot.migrations import MIGRATIONS
 from conftest import ROOT
 
 OLD_ROWS = [
@@ -40,7 +41,8 @@ def columns(path, table):
 def test_a_first_schema_database_is_upgraded_in_place(tmp_path, standin):
     path = tmp_path / "old.sqlite"
     first_schema_database(path)
-    app = create_app({"TESTING": True, "DATABASE": str(path), "LLM_URL": standin})   # upgrades on start
+    app = create_app({"TESTING": True, "DATABASE": str(path), "LLM_URL": standin,
+                      "AUTH": "disabled"})   # upgrades on start; old sessions are the owner 'local''s
     client = app.test_client()
 
     listed = client.get("/api/sessions").json["sessions"]
@@ -62,12 +64,13 @@ def test_a_first_schema_database_is_upgraded_in_place(tmp_path, standin):
     # Upgraded and new databases end up with the same tables.
     fresh = tmp_path / "fresh.sqlite"
     create_app({"TESTING": True, "DATABASE": str(fresh), "LLM_URL": standin})
-    for table in ("sessions", "messages", "session_activity"):
+    for table in ("sessions", "messages", "session_activity", "api_keys", "request_counts"):
         assert columns(path, table) == columns(fresh, table)
 
 
 def test_init_db_upgrades_a_database_once(tmp_path, standin):
-    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "new.sqlite"), "LLM_URL": standin})
+    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "new.sqlite"), "LLM_URL": standin,
+                      "AUTH": "disabled"})
     path = tmp_path / "old.sqlite"
     first_schema_database(path)
     app.config["DATABASE"] = str(path)
@@ -76,7 +79,8 @@ def test_init_db_upgrades_a_database_once(tmp_path, standin):
             result = app.test_cli_runner().invoke(args=["init-db"])
         assert result.exit_code == 0, result.output
     conn = sqlite3.connect(path)
-    assert [row[0] for row in conn.execute("SELECT name FROM migrations")] == ["conversations"]
+    applied = [row[0] for row in conn.execute("SELECT name FROM migrations")]
+    assert sorted(applied) == sorted(m.__name__ for m in MIGRATIONS)
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 5
     assert conn.execute("SELECT title FROM sessions WHERE session_id = 's-new'").fetchone()[0] == "hello"
     conn.close()
