@@ -306,11 +306,6 @@ class TokenUsage(BaseModel):
     estimated: Optional[bool] = Field(default=None, description="true when counted by us, not the LLM server")
 
 
-class ReplyError(BaseModel):
-    code: str
-    detail: str
-
-
 class Session(BaseModel):
     session_id: str
     created_at: datetime
@@ -335,7 +330,7 @@ class Message(BaseModel):
     status: Literal["complete", "incomplete", "failed"]
     token_usage: Optional[TokenUsage]
     finish_reason: Optional[str]
-    error: Optional[ReplyError]
+    error: Optional[ErrorInfo]
 
 
 class StreamStart(BaseModel):

@@ -12,31 +12,45 @@ from flask import Blueprint, current_app
 from pydantic.json_schema import models_json_schema
 
 from .access import public
-from .models import (ChatRequest, CreateSession, Health, Message, MessageList, Problem, Session,
-                     Stopped, StreamDelta, StreamError, StreamStart)
+from .models import (ChatRequest, Conversation, CreateSession, ExportQuery, Health, Message, MessageList,
+                     MessagesQuery, PatchSession, Problem, Session, SessionList, SessionsQuery, Stopped,
+                     StreamDelta, StreamError, StreamStart)
 
 bp = Blueprint("openapi", __name__, url_prefix="/api")
 
 
 class Op:
     """What one endpoint takes and answers. `ok` is (status, model, description);
-    model None means no body, "sse" an event stream. `errors` are the statuses an
-    endpoint itself may answer; those of every endpoint are added by build()."""
+    model None means no body, "sse" an event stream, "export" a conversation
+    as JSON or Markdown. `query` is the model of the query string. `errors` are
+    the statuses an endpoint itself may answer; build() adds those of every
+    endpoint (401 and 429 with keys; 400, 413, 415 and 422 with a body; 422
+    with a query)."""
 
-    def __init__(self, summary, ok, body=None, body_required=True, errors=(), tags=()):
+    def __init__(self, summary, ok, body=None, body_required=True, query=None, errors=(), tags=()):
         self.summary, self.ok, self.body, self.body_required = summary, ok, body, body_required
-        self.errors, self.tags = errors, tags
+        self.query, self.errors, self.tags = query, errors, tags
 
 
 UPSTREAM = (502, 503, 504)
 OPERATIONS = {
     "sessions.create": Op("Create a session", (201, Session, "The new session"),
                           body=CreateSession, body_required=False, tags=["sessions"]),
+    "sessions.list_sessions": Op("The caller's sessions, most recently active first",
+                                 (200, SessionList, "A page of sessions; next_cursor asks for the next"),
+                                 query=SessionsQuery, errors=(400,), tags=["sessions"]),
     "sessions.get": Op("A session", (200, Session, "The session"), errors=(404,), tags=["sessions"]),
+    "sessions.patch": Op("Change a session's title, metadata or system prompt", (200, Session, "The session"),
+                         body=PatchSession, errors=(404,), tags=["sessions"]),
     "sessions.delete": Op("Delete a session and its messages", (204, None, "Deleted"),
                           errors=(404,), tags=["sessions"]),
-    "sessions.messages": Op("A session's messages, oldest first", (200, MessageList, "The messages"),
-                            errors=(404,), tags=["sessions"]),
+    "sessions.messages": Op("A session's messages, oldest first: all, or a page before a message",
+                            (200, MessageList, "The messages"), query=MessagesQuery, errors=(404,),
+                            tags=["sessions"]),
+    "sessions.export": Op("The whole conversation, as a download", (200, "export", "JSON or Markdown"),
+                          query=ExportQuery, errors=(404,), tags=["sessions"]),
+    "sessions.import_": Op("A new session holding an exported conversation", (201, Session, "The new session"),
+                           body=Conversation, tags=["sessions"]),
     "chat.chat": Op("One chat turn, answered as a whole", (200, Message, "The assistant's reply"),
                     body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
     "chat.chat_stream": Op("One chat turn, streamed as Server-Sent Events",
@@ -54,13 +68,15 @@ OPERATIONS = {
 
 BODY_ERRORS = (400, 413, 415, 422)
 ERROR_TEXT = {
-    400: "The body is not valid JSON (invalid_json), or not a WebSocket upgrade (bad_request)",
+    400: "The body is not valid JSON (invalid_json), a cursor is not one we gave (invalid_cursor), or a GET"
+         " of the WebSocket is no upgrade (bad_request)",
     401: "No API key, or not a valid one (unauthorized)",
-    404: "No such session for this key (session_not_found)",
-    409: "A reply is being generated (generation_in_progress), or none is (nothing_to_stop)",
+    404: "No such session for this key (session_not_found), or no such message in it (message_not_found)",
+    409: "A reply is being generated (generation_in_progress), none is (nothing_to_stop), or there is"
+         " none to regenerate (nothing_to_regenerate)",
     413: "The body is too large (payload_too_large)",
     415: "The body is not application/json (unsupported_media_type)",
-    422: "The body does not validate (validation_error), with the failing fields",
+    422: "The body or query does not validate (validation_error), with the failing fields",
     429: "Too many requests (rate_limited) or replies at once (too_many_streams) for this key",
     502: "The LLM server answered with an error (upstream_error)",
     503: "The LLM server cannot be reached (upstream_unavailable)",
@@ -70,9 +86,9 @@ HEADERS = {
     401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     429: {"Retry-After": {"required": True, "description": "seconds", "schema": {"type": "string"}}},
 }
-REQUEST_MODELS = (CreateSession, ChatRequest)
-RESPONSE_MODELS = (Session, Message, MessageList, Stopped, Health, Problem, StreamStart, StreamDelta,
-                   StreamError)
+REQUEST_MODELS = (CreateSession, PatchSession, ChatRequest, Conversation)
+RESPONSE_MODELS = (Session, SessionList, Message, MessageList, Stopped, Health, Problem, StreamStart,
+                   StreamDelta, StreamError)
 
 
 def _ref(model):
@@ -104,12 +120,17 @@ def _responses(op, endpoint, secured):
     ok = {"description": description}
     if model == "sse":
         ok["content"] = {"text/event-stream": {"schema": STREAM_EVENT}}
+    elif model == "export":
+        # The document an import takes back, or Markdown to read.
+        ok["content"] = {"application/json": {"schema": _ref(Conversation)},
+                         "text/markdown": {"schema": {"type": "string"}}}
     elif model == "document":
         ok["content"] = {"application/json": {"schema": {"type": "object"}}}
     elif model is not None:
         ok["content"] = {"application/json": {"schema": _ref(model)}}
     responses = {str(status): ok}
-    errors = set(op.errors) | (set(BODY_ERRORS) if op.body else set()) | ({401, 429} if secured else set())
+    errors = (set(op.errors) | (set(BODY_ERRORS) if op.body else set()) | ({422} if op.query else set())
+              | ({401, 429} if secured else set()))
     for code in sorted(errors):
         if endpoint == "health.health" and code == 503:
             responses["503"] = {"description": "The database is unusable",
@@ -126,7 +147,8 @@ def _links():
     fuzzer's stateful phase, and by readers)."""
     return {
         name: {"operationId": name, "parameters": {"session_id": "$response.body#/session_id"}}
-        for name in ("sessions.get", "sessions.messages", "chat.stop", "sessions.delete")
+        for name in ("sessions.get", "sessions.patch", "sessions.messages", "sessions.export", "chat.stop",
+                     "sessions.delete")
         if name in current_app.view_functions
     }
 
@@ -146,9 +168,14 @@ def build():
             if not secured:
                 operation["security"] = []
             names = re.findall(r"<(?:[^<>:]+:)?([^<>]+)>", rule.rule)
-            if names:
-                operation["parameters"] = [{"name": n, "in": "path", "required": True,
-                                            "schema": {"type": "string"}} for n in names]
+            parameters = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+                          for n in names]
+            if op.query is not None:
+                schema = op.query.model_json_schema()
+                parameters += [{"name": name, "in": "query", "required": name in schema.get("required", ()),
+                                "schema": prop} for name, prop in schema["properties"].items()]
+            if parameters:
+                operation["parameters"] = parameters
             if op.body is not None:
                 operation["requestBody"] = {"required": op.body_required,
                                             "content": {"application/json": {"schema": _ref(op.body)}}}

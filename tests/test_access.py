@@ -210,8 +210,8 @@ def test_another_keys_session_is_not_found_on_every_endpoint(secured, secured_cl
     sid = secured_client.post("/api/sessions", headers=alice, json={"metadata": {"secret": "x"}}).json["session_id"]
     unknown = str(uuid.uuid4())
     reached = session_requests(secured, sid)
-    assert {"sessions.get", "sessions.delete", "sessions.messages", "chat.chat", "chat.chat_stream",
-            "chat.stop"} <= {r[0] for r in reached}
+    assert {"sessions.get", "sessions.patch", "sessions.delete", "sessions.messages", "sessions.export",
+            "chat.chat", "chat.chat_stream", "chat.stop"} <= {r[0] for r in reached}
 
     for endpoint, method, path, body in reached:
         theirs = call(secured_client, method, path, body, mallory)
@@ -222,12 +222,48 @@ def test_another_keys_session_is_not_found_on_every_endpoint(secured, secured_cl
                        BODIES[endpoint](unknown) if endpoint in BODIES else body, mallory)
         assert theirs.json == {**missing.json, "detail": missing.json["detail"].replace(unknown, sid)}
 
+    for path in ("/api/chat", "/api/chat/stream"):
+        regenerate = call(secured_client, "POST", path, {"session_id": sid, "regenerate": True}, mallory)
+        assert regenerate.status_code == 404 and regenerate.json["code"] == "session_not_found"
+
     # Nothing Mallory sent reached Alice's session.
     mine = secured_client.get(f"/api/sessions/{sid}", headers=alice)
     assert mine.status_code == 200 and mine.json["message_count"] == 0
 
     for endpoint, method, path, body in reached:
         assert call(secured_client, method, path, body, alice).status_code != 404, (endpoint, method)
+
+
+def test_the_session_list_shows_only_the_callers_sessions(secured_client, keys):
+    alice, bob = keys("alice"), keys("bob")
+    mine = {secured_client.post("/api/sessions", headers=alice).json["session_id"] for _ in range(3)}
+    theirs = {secured_client.post("/api/sessions", headers=bob).json["session_id"] for _ in range(2)}
+
+    def listed(headers):
+        found, cursor = [], None
+        while True:   # every page, one session at a time, so the cursor is used too
+            page = secured_client.get("/api/sessions", headers=headers,
+                                      query_string={"limit": 1, **({"cursor": cursor} if cursor else {})}).json
+            found += [s["session_id"] for s in page["sessions"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return found
+    assert sorted(listed(alice)) == sorted(mine)
+    assert sorted(listed(bob)) == sorted(theirs)
+    # A cursor of Alice's list does not open Bob's sessions to her.
+    first = secured_client.get("/api/sessions?limit=1", headers=bob).json["next_cursor"]
+    rest = secured_client.get("/api/sessions", headers=alice, query_string={"cursor": first}).json["sessions"]
+    assert not {s["session_id"] for s in rest} & theirs
+
+
+def test_an_import_belongs_to_the_key_that_imported_it(secured_client, keys):
+    alice, bob = keys("alice"), keys("bob")
+    document = {"format": "chatbot-conversation", "version": 1, "session": {"title": "옮긴 대화"},
+                "messages": [{"role": "user", "content": "hi", "created_at": "2026-01-02T03:04:05+09:00"}]}
+    sid = secured_client.post("/api/sessions/import", json=document, headers=alice).json["session_id"]
+    assert secured_client.get(f"/api/sessions/{sid}", headers=alice).status_code == 200
+    assert secured_client.get(f"/api/sessions/{sid}", headers=bob).json["code"] == "session_not_found"
+    assert secured_client.get("/api/sessions", headers=bob).json["sessions"] == []
 
 
 # --- CORS ----------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def test_path_parameters_are_declared(client):
 
 
 def test_the_schemas_are_the_models_with_the_configured_limits(make_app):
-    app = make_app(MAX_MESSAGE_CHARS=123, MAX_NEW_TOKENS_LIMIT=77, TEMPERATURE_LIMIT=1.5)
+    app = make_app(MAX_MESSAGE_CHARS=123, MAX_NEW_TOKENS_LIMIT=77, TEMPERATURE_LIMIT=1.5,
+                   SYSTEM_PROMPT_MAX_CHARS=99)
     doc = app.test_client().get("/api/openapi.json").json
     schemas = doc["components"]["schemas"]
     with app.app_context():
@@ -46,11 +47,21 @@ def test_the_schemas_are_the_models_with_the_configured_limits(make_app):
     assert schemas["ChatRequest"] == expected["$defs"]["ChatRequest"]
     assert schemas["Message"] == expected["$defs"]["Message"]
     chat = schemas["ChatRequest"]["properties"]
-    assert chat["message"]["maxLength"] == 123
+    assert chat["message"]["anyOf"][0]["maxLength"] == 123
     assert chat["max_new_tokens"]["anyOf"][0]["maximum"] == 77
     assert chat["temperature"]["anyOf"][0]["maximum"] == 1.5
+    assert schemas["CreateSession"]["properties"]["system_prompt"]["anyOf"][0]["maxLength"] == 99
     assert doc["paths"]["/api/chat"]["post"]["requestBody"]["content"]["application/json"]["schema"] == \
         {"$ref": "#/components/schemas/ChatRequest"}
+
+
+def test_query_strings_are_described_from_their_models(client):
+    doc = client.get("/api/openapi.json").json
+    listing = {p["name"]: p for p in doc["paths"]["/api/sessions"]["get"]["parameters"]}
+    assert set(listing) == set(models.SessionsQuery.model_fields)
+    assert listing["limit"]["in"] == "query" and listing["limit"]["schema"]["minimum"] == 1
+    export = {p["name"]: p for p in doc["paths"]["/api/sessions/{session_id}/export"]["get"]["parameters"]}
+    assert export["format"]["schema"]["enum"] == ["json", "markdown"]
 
 
 def test_every_error_is_documented_as_problem_json(client):
