@@ -129,6 +129,7 @@ class PatchSession(Strict):
     """Fields left out stay as they are. title null: back to the one made from
     the first message; system_prompt null: back to the configured default.
     metadata replaces the whole object."""
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})   # not_empty(), described
     title: Optional[Title] = None
     metadata: Metadata = None
     system_prompt: Optional[SystemPrompt] = None
@@ -168,6 +169,26 @@ class ExportQuery(Query):
     format: Literal["json", "markdown"] = "json"
 
 
+Count = Annotated[StrictInt, Field(ge=0), BeforeValidator(_whole)]
+
+
+def _text(value):
+    if not isinstance(value, str):   # pydantic would take 0 for 1970-01-01
+        raise ValueError("must be an ISO 8601 date and time with its offset, as a string")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_text)]
+
+
+class TokenUsage(BaseModel):
+    model_config = ConfigDict(extra="allow")   # an LLM server may count more
+    prompt_tokens: Count
+    completion_tokens: Count
+    total_tokens: Count
+    estimated: Optional[StrictBool] = Field(default=None, description="true when counted by us, not the LLM server")
+
+
 class ErrorInfo(Strict):
     code: str
     detail: str
@@ -178,6 +199,8 @@ class ConversationMessage(Strict):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"required": ["role"], "properties": {"role": {"enum": ["user", "system"]}}},
          "then": {"properties": {"status": {"const": "complete"}}}},
+        {"if": {"required": ["role"], "properties": {"role": {"const": "user"}}},
+         "then": {"properties": {"content": NOT_BLANK}}},
         {"if": {"required": ["status"], "properties": {"status": {"const": "failed"}}},
          "then": {"properties": {"content": {"maxLength": 0}}}},
     ]})
@@ -185,9 +208,9 @@ class ConversationMessage(Strict):
     message_id: Optional[str] = None   # informative: an import gives new ids
     role: Literal["user", "assistant", "system"]
     content: str
-    created_at: AwareDatetime
+    created_at: Timestamp
     status: Literal["complete", "incomplete", "failed"] = "complete"
-    token_usage: Optional[dict[str, Any]] = None
+    token_usage: Optional[TokenUsage] = None
     finish_reason: Optional[str] = None
     error: Optional[ErrorInfo] = None
 
@@ -195,6 +218,9 @@ class ConversationMessage(Strict):
     def consistent(self):
         if self.role != "assistant" and self.status != "complete":
             raise _field_error(type(self), "status", f"a {self.role} message is always complete")
+        if self.role == "user" and not self.content.strip():
+            # As POST /api/chat: a blank one would leave a regenerate nothing to answer.
+            raise _field_error(type(self), "content", "a user message is not blank")
         if self.status == "failed" and self.content:
             raise _field_error(type(self), "content", "a failed reply has no content")
         return self
@@ -202,8 +228,8 @@ class ConversationMessage(Strict):
 
 class ConversationSession(Strict):
     session_id: Optional[str] = None   # informative: an import makes a new session
-    created_at: Optional[AwareDatetime] = None
-    last_accessed: Optional[AwareDatetime] = None   # informative: importing is the latest activity
+    created_at: Optional[Timestamp] = None
+    last_accessed: Optional[Timestamp] = None   # informative: importing is the latest activity
     title: Optional[Title] = None
     metadata: Metadata = Field(default_factory=dict)
     system_prompt: Optional[SystemPrompt] = None
@@ -213,7 +239,7 @@ class Conversation(Strict):
     """An exported conversation (GET /api/sessions/{id}/export), and the body of POST /api/sessions/import."""
     format: Literal["chatbot-conversation"]
     version: Literal[1]
-    exported_at: Optional[AwareDatetime] = None
+    exported_at: Optional[Timestamp] = None
     session: ConversationSession
     messages: list[ConversationMessage]
 
@@ -298,13 +324,6 @@ def checked_text(data):
 
 
 # --- responses (for the OpenAPI description; the fuzz test checks real answers against them) ---
-
-class TokenUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    estimated: Optional[bool] = Field(default=None, description="true when counted by us, not the LLM server")
-
 
 class Session(BaseModel):
     session_id: str

@@ -158,7 +158,9 @@ def import_():
     session = body.session.model_dump(include={"title", "metadata", "system_prompt"})
     if body.session.created_at:
         session["created_at"] = utc_iso(body.session.created_at)
-    messages = [{**m.model_dump(exclude={"message_id", "created_at"}), "created_at": utc_iso(m.created_at)}
+    messages = [{**m.model_dump(exclude={"message_id", "created_at"}), "created_at": utc_iso(m.created_at),
+                 # the usage as it was given: no "estimated": null added
+                 "token_usage": m.token_usage and m.token_usage.model_dump(exclude_unset=True)}
                 for m in body.messages]
     imported = store.import_session(get_db(), session, messages, owner=current_owner())
     g.session_id = imported["session_id"]

@@ -153,3 +153,17 @@ def test_an_import_is_not_bound_by_the_usual_body_limit(app, client):
     app.config["IMPORT_MAX_BYTES"] = 4000
     response = client.post("/api/sessions/import", json=long)
     assert response.status_code == 413 and response.json["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"role": "user", "content": "  "}, "messages.0.content"),
+    ({"role": "assistant", "content": "hi", "token_usage": {"tokens": 3}}, "messages.0.token_usage.prompt_tokens"),
+])
+def test_an_import_is_refused_what_a_chat_could_not_have_stored(client, message, field):
+    # A blank user message left a later regenerate nothing to answer (a 500, found by the fuzz
+    # test); a usage of another shape would break the messages' schema in every answer.
+    document = {"format": "chatbot-conversation", "version": 1, "session": {},
+                "messages": [{**message, "created_at": "2026-01-02T03:04:05+09:00"}]}
+    answer = client.post("/api/sessions/import", json=document)
+    assert answer.status_code == 422
+    assert field in [e["field"] for e in answer.json["errors"]]
