@@ -9,7 +9,7 @@ from . import context, store
 from .access import per_key_limit, too_many_streams
 from .db import get_db
 from .errors import ApiError
-from .generation import Turn, client_watcher
+from .generation import INTERNAL_ERROR, Turn, client_watcher
 from .models import ChatRequest, parse_body
 from .sessions import session_or_404
 
@@ -47,9 +47,14 @@ def start_turn(body, stream, client_gone=None):
     if ids is None:
         raise ApiError(409, "generation_in_progress",
                        "A reply is still being generated for this session; wait for it or stop it.")
-    messages = context.build(system_prompt, store.history(conn, body.session_id), budget)
-    return Turn(cfg, current_app.extensions["upstream"], body.session_id, *ids, messages,
-                body.options(), stream=stream, client_gone=client_gone)
+    try:
+        messages = context.build(system_prompt, store.history(conn, body.session_id), budget)
+        return Turn(cfg, current_app.extensions["upstream"], body.session_id, *ids, messages,
+                    body.options(), stream=stream, client_gone=client_gone)
+    except BaseException:
+        # Never leave the session marked as generating a reply nobody generates.
+        store.finish_turn(conn, body.session_id, ids[1], "", "failed", None, None, INTERNAL_ERROR)
+        raise
 
 
 def nothing_to_regenerate():

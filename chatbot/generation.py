@@ -26,6 +26,7 @@ STOP_CHECK_SECONDS = 0.5
 # Set by the gunicorn worker shortly before a graceful stop would kill it
 # (gunicorn.conf.py): running turns end as incomplete and say so.
 SHUTDOWN = threading.Event()
+INTERNAL_ERROR = {"code": "internal_error", "detail": "The reply could not be generated."}
 STOPPED_BEFORE_TEXT = {"code": "stopped", "detail": "The reply was stopped before any text arrived."}
 CLIENT_GONE = {"code": "client_gone", "detail": "The client disconnected before the reply was finished."}
 
@@ -59,7 +60,7 @@ class Turn:
             self.queue.put(("error", UpstreamError(f"Reading the LLM server failed: {type(e).__name__}")))
 
     def events(self):
-        outcome = ("failed", None, {"code": "internal_error", "detail": "The reply could not be generated."})
+        outcome = ("failed", None, INTERNAL_ERROR)
         threading.Thread(target=self._read_upstream, daemon=True, name="upstream-reader").start()
         MONITOR.add(self)
         try:

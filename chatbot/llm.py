@@ -56,7 +56,18 @@ def _openai_chunk(obj):
     choices = obj.get("choices") or []
     choice = choices[0] if choices else {}
     delta = choice.get("delta") or choice.get("message") or {}
-    return Chunk(delta.get("content") or "", obj.get("usage"), choice.get("finish_reason"))
+    return Chunk(delta.get("content") or "", token_usage(obj.get("usage")), choice.get("finish_reason"))
+
+
+def token_usage(usage):
+    """The upstream's usage in our shape, or None (then we estimate) when it
+    gives none or one we cannot read."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _error_detail(error):
@@ -85,7 +96,7 @@ def parse_event(data):
     if "choices" in obj:
         return _openai_chunk(obj)
     text = next((obj[k] for k in TEXT_FIELDS if isinstance(obj.get(k), str)), "")
-    return Chunk(text, obj.get("usage"), obj.get("finish_reason"))
+    return Chunk(text, token_usage(obj.get("usage")), obj.get("finish_reason"))
 
 
 def parse_whole(protocol, obj):
@@ -97,7 +108,7 @@ def parse_whole(protocol, obj):
     if protocol == "openai":
         chunk = _openai_chunk(obj)
     else:
-        chunk = Chunk(obj.get("response"), obj.get("usage"), obj.get("finish_reason") or "stop")
+        chunk = Chunk(obj.get("response"), token_usage(obj.get("usage")), obj.get("finish_reason") or "stop")
     if not isinstance(chunk.text, str):
         raise UpstreamError("The LLM server's answer has no text.")
     return chunk
