@@ -307,7 +307,10 @@ def parse_body(model, optional=False):
         return parse(model, {})
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the body as application/json.")
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than the json module can parse
+        data = None
     if data is None:
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.")
     return parse(model, checked_text(data))

@@ -228,3 +228,27 @@ def wait_for(predicate, timeout=5, interval=0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+@pytest.fixture
+def silent_listener():
+    """silent_listener(hang_connect=False) -> the URL of a TCP port that never answers.
+
+    The kernel completes connections into the listen backlog, so a request is
+    sent and then waits forever for an answer (a hung LLM server). With
+    hang_connect=True the backlog is already full, so connecting itself hangs.
+    """
+    sockets = []
+
+    def make(hang_connect=False):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0 if hang_connect else 16)
+        sockets.append(listener)
+        if hang_connect:
+            filler = socket.create_connection(listener.getsockname())
+            sockets.append(filler)
+        return "http://127.0.0.1:%d" % listener.getsockname()[1]
+    yield make
+    for s in sockets:
+        s.close()

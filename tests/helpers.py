@@ -1,0 +1,65 @@
+"""Small helpers shared by the test modules (fixtures live in conftest.py)."""
+import sqlite3
+import threading
+from datetime import datetime
+
+
+def assert_problem(response, status, code):
+    """The response is an RFC 9457 problem with this status and code.
+
+    Works for a Flask test response and for a requests.Response.
+    """
+    content_type = response.headers["Content-Type"]
+    body = response.json() if callable(response.json) else response.json
+    assert response.status_code == status, body
+    assert content_type.startswith("application/problem+json"), content_type
+    assert body["status"] == status and body["code"] == code, body
+    assert isinstance(body["title"], str) and isinstance(body["type"], str)
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+def rows(db_path, sql, *params):
+    """Read the service's database through a connection of our own, as another
+    process would (it sees only what the service has committed)."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql, params)]
+    finally:
+        conn.close()
+
+
+def stored_messages(db_path, session_id):
+    return rows(db_path, "SELECT * FROM messages WHERE session_id = ? ORDER BY seq", session_id)
+
+
+def deltas(events):
+    """The concatenated text of the `delta` events of an SSE stream."""
+    return "".join(data["content"] for name, data, _ in events if name == "delta")
+
+
+def is_iso_utc(text):
+    parsed = datetime.fromisoformat(text)
+    return parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0
+
+
+def in_thread(fn, *args, **kwargs):
+    """Run fn in a thread; returns a function that waits and gives its result."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # surfaced by the waiter
+            result["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def wait(timeout=30):
+        thread.join(timeout)
+        assert not thread.is_alive(), "the call did not finish"
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+    return wait
