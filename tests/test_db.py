@@ -1,0 +1,127 @@
+"""SQLite: tables from schema.sql, pragmas on every connection, cascades, and
+messages ordered by an integer sequence rather than by time."""
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from chatbot import create_app, db, store
+from conftest import ROOT
+from helpers import rows
+
+TABLES = {"sessions", "messages", "migrations"}
+
+
+def tables(path):
+    return {r["name"] for r in rows(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def init_db_cli(path):
+    """`flask --app chatbot init-db`, run the way an operator runs it."""
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "chatbot", "init-db"], cwd=ROOT,
+                          env={**os.environ, "CHATBOT_DATABASE": str(path)}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_init_db_command_creates_the_tables(tmp_path):
+    path = tmp_path / "fresh" / "by-cli.sqlite"
+    result = init_db_cli(path)
+    assert result.returncode == 0 and "Initialized" in result.stdout, result.stderr
+    assert TABLES <= tables(path)
+
+
+def test_the_app_creates_a_missing_database_on_start(tmp_path, standin):
+    path = tmp_path / "not" / "yet" / "there.sqlite"
+    create_app({"DATABASE": str(path), "LLM_URL": standin})
+    assert TABLES <= tables(path)
+
+
+def test_init_db_keeps_existing_data(app, client, session_id):
+    assert init_db_cli(app.config["DATABASE"]).returncode == 0
+    create_app({"DATABASE": app.config["DATABASE"], "LLM_URL": app.config["LLM_URL"]})
+    assert client.get(f"/api/sessions/{session_id}").status_code == 200
+
+
+def pragmas(conn):
+    return {name: conn.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("foreign_keys", "journal_mode", "busy_timeout")}
+
+
+def test_every_connection_has_the_pragmas_sqlite_leaves_off(app):
+    assert pragmas(db.connect(app.config["DATABASE"])) == {
+        "foreign_keys": 1, "journal_mode": "wal", "busy_timeout": db.BUSY_TIMEOUT_MS}
+    with app.test_request_context():
+        assert pragmas(db.get_db())["foreign_keys"] == 1
+
+
+def test_a_request_has_one_connection_closed_at_teardown(app):
+    with app.test_request_context():
+        conn = db.get_db()
+        assert db.get_db() is conn
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+
+
+def test_deleting_a_session_deletes_its_messages(app, client, session_id):
+    other = client.post("/api/sessions").json["session_id"]
+    for sid in (session_id, other):
+        assert client.post("/api/chat", json={"session_id": sid, "message": "hi @@words=2"}).status_code == 200
+    assert client.delete(f"/api/sessions/{session_id}").status_code == 204
+    path = app.config["DATABASE"]
+    assert rows(path, "SELECT * FROM messages WHERE session_id = ?", session_id) == []
+    assert len(rows(path, "SELECT * FROM messages WHERE session_id = ?", other)) == 2
+
+
+def write_turns(app, session_id, count):
+    conn = db.connect(app.config["DATABASE"])
+    for i in range(count):
+        _, reply_id = store.begin_turn(conn, session_id, f"question {i}")
+        store.finish_turn(conn, session_id, reply_id, f"answer {i}", "complete", None, "stop")
+    conn.close()
+    return [text for i in range(count) for text in (f"question {i}", f"answer {i}")]
+
+
+def listed(client, session_id):
+    return [m["content"] for m in client.get(f"/api/sessions/{session_id}/messages").json["messages"]]
+
+
+def test_messages_written_in_the_same_second_stay_in_order(app, client, session_id, monkeypatch):
+    monkeypatch.setattr(store, "now_iso", lambda: "2026-01-01T00:00:00+00:00")  # CURRENT_TIMESTAMP-like
+    written = write_turns(app, session_id, 30)
+    assert listed(client, session_id) == written
+
+
+def test_messages_stay_in_order_when_the_clock_steps_back(app, client, session_id, monkeypatch):
+    clock = iter(f"2026-01-01T00:00:{59 - i:02d}+00:00" for i in range(60))
+    monkeypatch.setattr(store, "now_iso", lambda: next(clock))
+    written = write_turns(app, session_id, 20)
+    assert listed(client, session_id) == written
+
+
+def test_a_write_waits_for_another_writer_instead_of_failing(app, client):
+    other = db.connect(app.config["DATABASE"])
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock for a moment
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    response = client.post("/api/sessions")
+    release.join()
+    other.close()
+    assert response.status_code == 201
+    assert time.monotonic() - started >= 0.4  # it did wait for the lock
+
+
+def test_a_reader_is_not_blocked_by_a_writer(app, client, session_id):
+    other = db.connect(app.config["DATABASE"])
+    other.execute("BEGIN EXCLUSIVE")  # without WAL this locks readers out too
+    other.execute("UPDATE sessions SET metadata = '{\"x\": 1}'")
+    try:  # WAL: readers see the last committed state while a write is open
+        response = client.get(f"/api/sessions/{session_id}")
+        assert response.status_code == 200 and response.json["metadata"] == {}
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
