@@ -141,6 +141,12 @@ class Gunicorn(Process):
     def get(self, path, headers=None):
         return requests.get(self.url + path, headers=headers).json()
 
+    def stop(self):
+        # Tests need no graceful shutdown: SIGINT is gunicorn's quick one.
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        super().stop()
+
 
 def new_api_key(db_path, name):
     """A new API key for `name`, made by the service's own code in its database."""
@@ -153,6 +159,12 @@ def new_api_key(db_path, name):
 
 def bearer(key):
     return {"Authorization": f"Bearer {key}"}
+
+
+def gunicorn_env(standin, env):
+    """The fixtures' settings of a gunicorn process; API keys are off unless env says otherwise."""
+    return {"CHATBOT_LLM_URL": standin, "CHATBOT_WORKERS": "2", "CHATBOT_THREADS": "16",
+            "CHATBOT_AUTH": "disabled", **env}
 
 
 @pytest.fixture
@@ -168,13 +180,25 @@ def start_server(tmp_path, standin):
     servers = []
 
     def start(db_path=None, **env):
-        env = {"CHATBOT_LLM_URL": standin, "CHATBOT_WORKERS": "2", "CHATBOT_THREADS": "16",
-               "CHATBOT_AUTH": "disabled", **env}
-        servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", env))
+        servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", gunicorn_env(standin, env)))
         return servers[-1]
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def live_server_env():
+    """CHATBOT_* settings of live_server; a test module may override this fixture."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory, standin, live_server_env):
+    """One gunicorn process shared by the tests of a module; each test makes its own sessions."""
+    server = Gunicorn(tmp_path_factory.mktemp("live") / "live.sqlite", gunicorn_env(standin, live_server_env))
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -196,12 +220,17 @@ class SSEStream:
         self.status = self.response.status
         self.headers = self.response.headers
         self.raw = b""        # every byte of the body, as received
+        self.cut = False      # whether the body broke off (no final chunk)
         self._buffer = b""
 
     def events(self):
         while True:
             while b"\n\n" not in self._buffer:
-                data = self.response.read1(65536)
+                try:
+                    data = self.response.read1(65536)
+                except http.client.IncompleteRead:  # the server's end broke off mid-body
+                    self.cut = True
+                    return
                 if not data:
                     return
                 self.raw += data

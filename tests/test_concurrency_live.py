@@ -1,12 +1,20 @@
-"""The default gunicorn configuration carries 200 concurrent streams.
+"""Concurrency: the default gunicorn configuration carries 200 concurrent
+streams, and one reply at a time per session across the worker processes.
 
-Each streams 5 pieces a second (1000 a second in all, what a GPU server
-busy with 200 users sends), so that the test measures the service, not
-the stand-in and the test client sharing its two cores."""
+The 200 streams each send 5 pieces a second (1000 a second in all, what a GPU
+server busy with 200 users sends), so that the test measures the service, not
+the stand-in and the test client sharing its two cores. A worker killed
+mid-answer: tests/test_workers_live.py."""
+import os
+import signal
 import threading
 import time
 
+import pytest
+import requests
+
 from conftest import SSEStream
+from helpers import assert_problem, rows, stored_messages
 
 STREAMS = 200
 
@@ -50,3 +58,52 @@ def test_200_concurrent_streams_all_complete_and_none_starves(start_server):
     assert firsts[-1] < ends[0], (f"first deltas from {firsts[0] - started:.1f} s to {firsts[-1] - started:.1f} s "
                                   f"({sum(f > ends[0] for f in firsts)} after the first end), "
                                   f"ends from {ends[0] - started:.1f} s")
+
+
+@pytest.fixture
+def server(live_server):
+    return live_server  # CHATBOT_WORKERS=2 (the fixtures' default)
+
+
+def generating_pid(server, session_id):
+    [row] = rows(server.db_path, "SELECT generating_pid FROM sessions WHERE session_id = ?", session_id)
+    return row["generating_pid"]
+
+
+def worker_pids(server):
+    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+        return [int(pid) for pid in f.read().split()]
+
+
+def chat(server, session_id, message, path="/api/chat"):
+    return requests.post(server.url + path, json={"session_id": session_id, "message": message}, timeout=30)
+
+
+def test_a_second_chat_while_a_reply_streams_is_refused_by_every_worker(server):
+    assert len(worker_pids(server)) == 2
+    sid = server.new_session()
+    s = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=20 @@delay=0.1"})
+    events = s.events()
+    assert next(events)[0] == "start"
+    holder = generating_pid(server, sid)
+    assert holder in worker_pids(server)
+    # Freeze the worker that streams: the next requests can only be taken by the other one.
+    os.kill(holder, signal.SIGSTOP)
+    try:
+        for path in ("/api/chat", "/api/chat/stream"):
+            assert_problem(chat(server, sid, "me too", path), 409, "generation_in_progress")
+    finally:
+        os.kill(holder, signal.SIGCONT)
+    assert_problem(chat(server, sid, "me too"), 409, "generation_in_progress")
+    assert list(events)[-1][0] == "done"
+    # Refused requests stored nothing; once the reply is done, the session takes a new turn.
+    assert [m["content"] for m in stored_messages(server.db_path, sid)][::2] == ["@@words=20 @@delay=0.1"]
+    assert chat(server, sid, "@@words=1").status_code == 200
+
+
+def test_other_sessions_are_not_held_up(server):
+    busy, free = server.new_session(), server.new_session()
+    s = SSEStream(server.url, "/api/chat/stream", {"session_id": busy, "message": "@@words=10 @@delay=0.1"})
+    assert next(s.events())[0] == "start"
+    assert chat(server, free, "@@words=1").status_code == 200
+    assert list(s.events())[-1][0] == "done"
