@@ -13,7 +13,7 @@ threads = int(os.environ.get("CHATBOT_THREADS", "256"))
 worker_connections = threads
 # With gthread, `timeout` is a heartbeat of each worker's main loop, not a limit
 # on a request: a long stream is never cut by it.
-timeout = 30
+timeout = int(os.environ.get("CHATBOT_WORKER_TIMEOUT", "30"))
 graceful_timeout = int(os.environ.get("CHATBOT_GRACEFUL_TIMEOUT", "30"))
 keepalive = 5
 # No access log here: chatbot/access.py logs each request as one JSON line, with the

@@ -1,0 +1,67 @@
+"""GET /api/health: the database and the LLM server, never hanging."""
+import time
+
+import pytest
+
+from chatbot import create_app
+
+
+def make_client(tmp_path, llm_url, **config):
+    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "health.sqlite"), "LLM_URL": llm_url,
+                      **config})
+    return app, app.test_client()
+
+
+def test_all_well(client, standin):
+    response = client.get("/api/health")
+    assert response.status_code == 200
+    body = response.json
+    assert body["status"] == "ok"
+    assert body["database"]["ok"] is True and body["database"]["latency_ms"] >= 0
+    llm = body["llm"]
+    assert llm["ok"] is True and llm["url"] == standin and llm["protocol"] == "midm"
+    assert llm["latency_ms"] >= 0 and llm["standin"] is True
+
+
+def test_the_openai_protocol_is_checked_on_its_models_endpoint(tmp_path, standin, standin_log):
+    _, client = make_client(tmp_path, standin, LLM_PROTOCOL="openai")
+    assert client.get("/api/health").json["llm"]["ok"] is True
+
+
+def test_an_unreachable_llm_is_degraded(tmp_path):
+    _, client = make_client(tmp_path, "http://127.0.0.1:9")
+    response = client.get("/api/health")
+    assert response.status_code == 200
+    assert response.json["status"] == "degraded"
+    assert response.json["llm"]["ok"] is False and response.json["database"]["ok"] is True
+
+
+@pytest.mark.parametrize("hang_connect", [False, True])
+def test_a_hung_llm_server_does_not_hang_the_health_check(tmp_path, silent_listener, hang_connect):
+    _, client = make_client(tmp_path, silent_listener(hang_connect), HEALTH_TIMEOUT=0.5)
+    started = time.monotonic()
+    response = client.get("/api/health")
+    assert time.monotonic() - started < 5
+    assert response.status_code == 200 and response.json["status"] == "degraded"
+    assert response.json["llm"]["ok"] is False
+
+
+def test_a_database_that_cannot_be_opened_is_503(app, client, tmp_path):
+    app.config["DATABASE"] = str(tmp_path)  # a directory: SQLite cannot open it
+    response = client.get("/api/health")
+    assert response.status_code == 503
+    assert response.json["database"]["ok"] is False and response.json["database"]["error"]
+    assert response.json["status"] != "ok"
+
+
+def test_a_database_file_that_is_not_sqlite_is_503(app, client, tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database" * 100)
+    app.config["DATABASE"] = str(garbage)
+    response = client.get("/api/health")
+    assert response.status_code == 503 and response.json["database"]["ok"] is False
+
+
+def test_a_database_without_its_tables_is_503(app, client, tmp_path):
+    app.config["DATABASE"] = str(tmp_path / "empty.sqlite")
+    assert client.get("/api/health").status_code == 503
