@@ -79,8 +79,9 @@ class Turn:
                 status, stored_error = "failed", error or STOPPED_BEFORE_TEXT
             conn = db.connect(self.config["DATABASE"])
             try:
-                self.message = store.finish_turn(conn, self.session_id, self.reply_id, "".join(self.text),
-                                                 status, self._usage(), finish_reason, stored_error)
+                self.message = store.when_not_busy(store.finish_turn, conn, self.session_id, self.reply_id,
+                                                   "".join(self.text), status, self._usage(), finish_reason,
+                                                   stored_error)
             finally:
                 conn.close()
         if error:

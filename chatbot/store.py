@@ -6,6 +6,7 @@ Write transactions are short and never span a call to the upstream.
 import json
 import math
 import os
+import sqlite3
 import threading
 import time
 import unicodedata
@@ -392,6 +393,22 @@ def finish_turn(db, session_id, reply_id, content, status, token_usage, finish_r
             (session_id, reply_id),
         )
     return get_message(db, reply_id)
+
+
+def when_not_busy(write, *args, seconds=60):
+    """Call write(*args), again while SQLite says the database is locked.
+
+    For the writes that must not be lost (the final reply, which also clears
+    the marker): another process may hold the write lock past busy_timeout.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return write(*args)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _pid_alive(pid):

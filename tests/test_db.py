@@ -11,7 +11,7 @@ import pytest
 
 from chatbot import create_app, db, store
 from conftest import ROOT
-from helpers import rows
+from helpers import in_thread, rows
 
 TABLES = {"sessions", "messages", "migrations"}
 
@@ -125,3 +125,35 @@ def test_a_reader_is_not_blocked_by_a_writer(app, client, session_id):
     finally:
         other.execute("ROLLBACK")
         other.close()
+
+
+@pytest.fixture
+def impatient_db(monkeypatch):
+    """A short busy_timeout and frequent heartbeats, so a busy database shows at once."""
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 100)
+    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.1)
+
+
+def hold_write_lock(path, seconds):
+    """Another process writing for a while (longer than our busy_timeout)."""
+    other = db.connect(path)
+    other.execute("BEGIN IMMEDIATE")
+    time.sleep(seconds)
+    other.execute("COMMIT")
+    other.close()
+
+
+@pytest.mark.parametrize("when", ["mid-answer", "at-the-end"])
+def test_a_busy_database_does_not_break_or_lose_a_reply(app, client, session_id, impatient_db, when):
+    words = 10 if when == "mid-answer" else 3
+    message = f"@@words={words} @@delay=0.1" + (" @@first=0.3" if when == "mid-answer" else " @@first=0.6")
+    reply = in_thread(lambda: client.post("/api/chat/stream", json={"session_id": session_id,
+                                                                    "message": message}).get_data(as_text=True))
+    time.sleep(0.2 if when == "mid-answer" else 0.5)
+    hold_write_lock(app.config["DATABASE"], 0.8)   # heartbeats, or the final write, find it locked
+    body = reply()
+    assert "event: done" in body and "event: error" not in body
+    stored = rows(app.config["DATABASE"], "SELECT status, content FROM messages WHERE role = 'assistant'")
+    assert stored[0]["status"] == "complete" and stored[0]["content"].endswith(f"단어{words} ")
+    [session] = rows(app.config["DATABASE"], "SELECT generating_message_id FROM sessions")
+    assert session["generating_message_id"] is None

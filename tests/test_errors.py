@@ -222,7 +222,7 @@ session_bodies = st.one_of(
     st.binary(max_size=40),
 )
 JSON_TYPES = ["application/json", "application/json; charset=utf-8"]
-fuzz = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+fuzz = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def assert_not_a_crash(response):

@@ -65,8 +65,8 @@ def test_a_stream_longer_than_the_worker_timeout_is_not_cut(start_server):
     server = start_server(CHATBOT_WORKER_TIMEOUT="2", CHATBOT_WORKERS="1", CHATBOT_THREADS="1")
     workers = worker_pids(server)
     sid = server.new_session()
-    s = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=16 @@delay=0.3"})
-    events = list(s.events())  # about 4.5 s, more than twice the timeout
-    assert not s.cut and events[-1][0] == "done" and events[-1][1]["content"].endswith("단어16 ")
+    s = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=14 @@delay=0.25"})
+    events = list(s.events())  # about 3.5 s, well over the timeout
+    assert not s.cut and events[-1][0] == "done" and events[-1][1]["content"].endswith("단어14 ")
     assert worker_pids(server) == workers  # the worker was never killed and replaced
     assert rows(server.db_path, "SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "complete"}]

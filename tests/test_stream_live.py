@@ -9,12 +9,12 @@ from chatbot.standin import MARKER
 from conftest import SSEStream, wait_for
 from helpers import deltas, in_thread, stored_messages
 
-IDLE_TIMEOUT = 2.5
+IDLE_TIMEOUT = 2
 
 
 @pytest.fixture(scope="module")
 def live_server_env():
-    return {"CHATBOT_SSE_KEEPALIVE": "0.3", "CHATBOT_LLM_IDLE_TIMEOUT": str(IDLE_TIMEOUT)}
+    return {"CHATBOT_SSE_KEEPALIVE": "0.2", "CHATBOT_LLM_IDLE_TIMEOUT": str(IDLE_TIMEOUT)}
 
 
 @pytest.fixture
@@ -63,32 +63,32 @@ def test_every_upstream_form_reaches_the_client_piece_by_piece(server, fmt):
 
 
 def test_the_first_delta_arrives_while_the_upstream_is_still_generating(server, standin_log):
-    s = stream(server, server.new_session(), "@@words=10 @@delay=0.3")
+    s = stream(server, server.new_session(), "@@words=6 @@delay=0.3")
     events = s.events()
     assert next(events)[0] == "start"
     name, data, _ = next(events)
     assert name == "delta" and data["content"] == MARKER + "단어1 "
     [entry] = standin_log()
-    assert entry["state"] == "running" and entry["pieces_sent"] < 10
-    assert deltas(list(events)) == words(10)[len(data["content"]):]
+    assert entry["state"] == "running" and entry["pieces_sent"] < 6
+    assert deltas(list(events)) == words(6)[len(data["content"]):]
 
 
 @pytest.mark.parametrize("path", ["/api/chat/stream", "/api/chat"])
 def test_the_user_message_is_committed_before_the_upstream_answers(server, standin_log, path):
     sid = server.new_session()
-    body = {"session_id": sid, "message": "안녕 @@first=2 @@words=2"}
+    body = {"session_id": sid, "message": "안녕 @@first=1.5 @@words=2"}
     finished = in_thread(requests.post, server.url + path, json=body, timeout=30)
     assert wait_for(lambda: standin_log() and standin_log()[-1]["pieces_sent"] == 0)
     # The stand-in has the request and has sent no text yet: look from outside.
     user, reply = stored_messages(server.db_path, sid)
-    assert (user["role"], user["content"], user["status"]) == ("user", "안녕 @@first=2 @@words=2", "complete")
+    assert (user["role"], user["content"], user["status"]) == ("user", "안녕 @@first=1.5 @@words=2", "complete")
     assert reply["status"] == "pending" and standin_log()[-1]["state"] == "running"
     assert finished().status_code == 200
     assert [m["status"] for m in stored_messages(server.db_path, sid)] == ["complete", "complete"]
 
 
 def test_keep_alive_comments_while_the_upstream_is_silent(server):
-    events = list(stream(server, server.new_session(), "@@words=3 @@first=1.2 @@silence=1.2@1").events())
+    events = list(stream(server, server.new_session(), "@@words=3 @@first=1 @@silence=1@1").events())
     sequence = [name for name, _, _ in events]
     # silent before the first piece (prefill) and between the first and second
     first_delta = sequence.index("delta")
