@@ -1,0 +1,376 @@
+"""Streaming benchmark: the stand-in LLM called directly vs through the backend.
+
+One run starts the stand-in LLM server and the service under gunicorn (the
+repository's gunicorn.conf.py, its defaults unless --workers/--threads say
+otherwise), then, for each concurrency level, streams the same answer
+
+  direct   POST {stand-in}/chat/stream       (what the LLM server alone gives)
+  backend  POST {service}/api/chat/stream    (the same, relayed by the service)
+
+and reports time to first token (p50, p99), tokens/s, the TTFT the backend
+adds, and the CPU seconds gunicorn (master and workers, from /proc) spends
+per 1000 relayed tokens. A small asyncio client reads raw bytes off each
+socket as they arrive, so hundreds of streams need no threads.
+
+    python bench/stream_bench.py --concurrency 1 100 --words 100 --delay 0.02
+
+Prints a table and writes JSON to bench/results/. See bench/README.md.
+"""
+import argparse
+import asyncio
+import codecs
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+TEXT_FIELDS = ("token", "content", "text", "delta", "response")
+
+
+# --- processes -------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, url, env=None, timeout=60, log=None):
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=open(log, "wb") if log else subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{args} exited with {proc.returncode}")
+        try:
+            requests.get(url, timeout=2)
+            return proc
+        except requests.RequestException:
+            time.sleep(0.1)
+    stop(proc)
+    raise SystemExit(f"{url} did not come up")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_seconds(pid):
+    """utime + stime of one process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_tree(pid):
+    """gunicorn's master and its workers."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid] + [int(p) for p in f.read().split()]
+    except OSError:
+        return [pid]
+
+
+def cpu_snapshot(pid):
+    return {p: cpu_seconds(p) for p in process_tree(pid)}
+
+
+def cpu_used(before, after):
+    # A worker replaced during the phase loses its last ticks; the count of
+    # processes is reported, so a change shows.
+    return sum(after[p] - before.get(p, 0.0) for p in after)
+
+
+# --- the client ------------------------------------------------------------------
+
+@dataclass
+class Result:
+    ok: bool = False
+    tokens: int = 0
+    ttft: float | None = None      # seconds from sending the request to the first text
+    duration: float | None = None  # seconds from sending the request to the end of the stream
+    first_to_last: float | None = None
+    error: str | None = None
+
+
+def is_text(kind, block):
+    """Whether one SSE block carries text: a backend `delta`, or a stand-in data line with text."""
+    lines = block.split("\n")
+    if kind == "backend":
+        return "event: delta" in lines
+    for line in lines:
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return False
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                return bool(data)
+            if isinstance(obj, dict):
+                return any(isinstance(obj.get(k), str) and obj[k] for k in TEXT_FIELDS)
+    return False
+
+
+def is_end(kind, block):
+    if kind == "backend":
+        return "event: done" in block or "event: error" in block
+    return "data: [DONE]" in block
+
+
+async def read_body(reader, headers):
+    """Yield the response body as it arrives, undoing chunked transfer encoding."""
+    if "transfer-encoding: chunked" in headers:
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                return
+            data = await reader.readexactly(size)
+            await reader.readexactly(2)
+            yield data
+    else:
+        while data := await reader.read(65536):
+            yield data
+
+
+async def stream_once(kind, host, port, path, body, timeout):
+    result = Result()
+    payload = json.dumps(body).encode()
+    sent = time.perf_counter()
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+            status = (await reader.readline()).decode()
+            headers = ""
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                headers += line.decode().lower()
+            if " 200 " not in status:
+                result.error = status.strip()
+                return result
+            buffer, first, last = "", None, None
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            async for data in read_body(reader, headers):
+                buffer += decoder.decode(data)
+                while "\n\n" in buffer:
+                    block, buffer = buffer.split("\n\n", 1)
+                    now = time.perf_counter()
+                    if is_text(kind, block):
+                        result.tokens += 1
+                        first = first or now
+                        last = now
+                    if is_end(kind, block):
+                        result.ok = "event: error" not in block
+                        if not result.ok:
+                            result.error = block.rsplit("data: ", 1)[-1][:200]
+            result.duration = time.perf_counter() - sent
+            if first is not None:
+                result.ttft = first - sent
+                result.first_to_last = last - first
+            if not result.ok and result.error is None:
+                result.error = "stream ended without its final event"
+    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    finally:
+        if writer is not None:
+            writer.close()
+    return result
+
+
+async def run_phase(kind, host, port, path, bodies, rounds, ramp, timeout):
+    """len(bodies) clients at once, each streaming `rounds` times in a row."""
+    async def client(i, body):
+        await asyncio.sleep(ramp * i / max(len(bodies), 1))  # spread the connects a little
+        return [await stream_once(kind, host, port, path, body, timeout) for _ in range(rounds)]
+    started = time.perf_counter()
+    per_client = await asyncio.gather(*(client(i, b) for i, b in enumerate(bodies)))
+    return [r for results in per_client for r in results], time.perf_counter() - started
+
+
+# --- figures -----------------------------------------------------------------------
+
+def percentile(values, p):
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarise(results, wall):
+    ok = [r for r in results if r.ok]
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    rates = [(r.tokens - 1) / r.first_to_last for r in ok if r.tokens > 1 and r.first_to_last]
+    tokens = sum(r.tokens for r in results)
+    errors = sorted({r.error for r in results if r.error})
+    return {
+        "requests": len(results), "ok": len(ok),
+        "ttft_p50_ms": _ms(percentile(ttfts, 50)), "ttft_p99_ms": _ms(percentile(ttfts, 99)),
+        "tokens_per_s_per_stream_p50": _round(percentile(rates, 50)),
+        "tokens_per_s_total": _round(tokens / wall if wall else None),
+        "tokens": tokens, "wall_s": round(wall, 3), "errors": errors[:5],
+    }
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def _round(x):
+    return None if x is None else round(x, 1)
+
+
+def fmt(x, unit=""):
+    return "-" if x is None else f"{x:g}{unit}"
+
+
+def print_table(rows):
+    head = ["conc", "path", "ok/req", "TTFT p50", "TTFT p99", "added p50", "added p99",
+            "tok/s/stream", "tok/s total", "CPU s/1k tok"]
+    lines = [head]
+    for row in rows:
+        for kind in ("direct", "backend"):
+            s = row[kind]
+            backend = kind == "backend"
+            lines.append([
+                str(row["concurrency"]), kind, f"{s['ok']}/{s['requests']}",
+                fmt(s["ttft_p50_ms"], " ms"), fmt(s["ttft_p99_ms"], " ms"),
+                fmt(row["added_ttft_p50_ms"], " ms") if backend else "",
+                fmt(row["added_ttft_p99_ms"], " ms") if backend else "",
+                fmt(s["tokens_per_s_per_stream_p50"]), fmt(s["tokens_per_s_total"]),
+                fmt(row["gunicorn_cpu_s_per_1000_tokens"]) if backend else "",
+            ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
+    for row in rows:
+        for kind in ("direct", "backend"):
+            for error in row[kind]["errors"]:
+                print(f"  c={row['concurrency']} {kind} error: {error}")
+
+
+# --- the run -----------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 100])
+    parser.add_argument("--words", type=int, default=100, help="pieces of text in each answer")
+    parser.add_argument("--delay", type=float, default=0.02, help="stand-in's seconds between pieces")
+    parser.add_argument("--rounds", type=int, default=2, help="streams each client makes in a row")
+    parser.add_argument("--min-samples", type=int, default=20,
+                        help="at low concurrency, more rounds until this many streams")
+    parser.add_argument("--ramp", type=float, default=0.5, help="seconds over which clients start")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds allowed for one stream")
+    parser.add_argument("--workers", help="CHATBOT_WORKERS (default: gunicorn.conf.py's)")
+    parser.add_argument("--threads", help="CHATBOT_THREADS (default: gunicorn.conf.py's)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    if args.words > 512:
+        parser.error("--words is capped by the service's DEFAULT_MAX_NEW_TOKENS (512)")
+
+    tmp = tempfile.mkdtemp(prefix="stream-bench-")
+    standin_port, service_port = free_port(), free_port()
+    standin = start([sys.executable, "-m", "chatbot.standin", "--port", str(standin_port),
+                     "--delay", str(args.delay)], f"http://127.0.0.1:{standin_port}/health")
+    env = {"CHATBOT_BIND": f"127.0.0.1:{service_port}", "CHATBOT_DATABASE": f"{tmp}/bench.sqlite",
+           "CHATBOT_LLM_URL": f"http://127.0.0.1:{standin_port}", "CHATBOT_LLM_PROTOCOL": "midm"}
+    if args.workers:
+        env["CHATBOT_WORKERS"] = args.workers
+    if args.threads:
+        env["CHATBOT_THREADS"] = args.threads
+    log = f"{tmp}/gunicorn.log"
+    gunicorn = start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+                     f"http://127.0.0.1:{service_port}/api/health", env, log=log)
+    service = f"http://127.0.0.1:{service_port}"
+    message = f"@@words={args.words}"
+    direct_body = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                {"role": "user", "content": message}],
+                   "max_new_tokens": 512, "temperature": 0.7, "do_sample": False}
+    rows = []
+    load_before = os.getloadavg()
+    try:
+        # Warm up both paths (imports, first connections) before measuring.
+        warm = requests.post(service + "/api/sessions").json()["session_id"]
+        asyncio.run(stream_once("backend", "127.0.0.1", service_port, "/api/chat/stream",
+                                {"session_id": warm, "message": "@@words=3"}, 30))
+        asyncio.run(stream_once("direct", "127.0.0.1", standin_port, "/chat/stream", direct_body, 30))
+        for concurrency in args.concurrency:
+            rounds = max(args.rounds, math.ceil(args.min_samples / concurrency))
+            print(f"concurrency {concurrency}: {rounds} round(s) of {concurrency} streams of "
+                  f"{args.words} pieces, {args.delay} s apart ...", flush=True)
+            results, wall = asyncio.run(run_phase(
+                "direct", "127.0.0.1", standin_port, "/chat/stream", [direct_body] * concurrency,
+                rounds, args.ramp, args.timeout))
+            direct = summarise(results, wall)
+            # One session per client: a session takes one reply at a time.
+            sessions = [requests.post(service + "/api/sessions").json()["session_id"]
+                        for _ in range(concurrency)]
+            before = cpu_snapshot(gunicorn.pid)
+            results, wall = asyncio.run(run_phase(
+                "backend", "127.0.0.1", service_port, "/api/chat/stream",
+                [{"session_id": s, "message": message} for s in sessions], rounds, args.ramp, args.timeout))
+            after = cpu_snapshot(gunicorn.pid)
+            backend = summarise(results, wall)
+            cpu = cpu_used(before, after)
+            rows.append({
+                "concurrency": concurrency, "rounds": rounds, "direct": direct, "backend": backend,
+                "added_ttft_p50_ms": _diff(backend["ttft_p50_ms"], direct["ttft_p50_ms"]),
+                "added_ttft_p99_ms": _diff(backend["ttft_p99_ms"], direct["ttft_p99_ms"]),
+                "gunicorn_cpu_s": round(cpu, 3), "gunicorn_processes": len(after),
+                "gunicorn_cpu_s_per_1000_tokens": round(cpu / backend["tokens"] * 1000, 3)
+                if backend["tokens"] else None,
+            })
+    finally:
+        stop(gunicorn)
+        stop(standin)
+
+    report = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "gunicorn": {"workers": args.workers or "gunicorn.conf.py default",
+                     "threads": args.threads or "gunicorn.conf.py default"},
+        "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "results": rows,
+    }
+    print()
+    print_table(rows)
+    print(f"\nload average before/after: {load_before[0]:.1f} / {report['machine']['loadavg_after'][0]:.1f} "
+          f"on {os.cpu_count()} CPUs (client, stand-in and service share them)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"stream_bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"JSON: {path}")
+    print(f"gunicorn's log: {log}")
+
+
+def _diff(a, b):
+    return None if a is None or b is None else round(a - b, 2)
+
+
+if __name__ == "__main__":
+    main()
