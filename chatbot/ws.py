@@ -25,7 +25,7 @@ def read_frame(raw):
     """A client frame as a dict with a `type`, or raise ApiError."""
     try:
         frame = json.loads(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: nested too deep to parse
         raise ApiError(400, "invalid_json", "The frame is not valid JSON.") from None
     if not isinstance(frame, dict) or frame.get("type") not in ("chat", "stop"):
         raise ApiError(422, "validation_error", 'A frame is a JSON object whose "type" is "chat" or "stop".')

@@ -45,6 +45,7 @@ def test_many_turns_on_one_socket(server, ws):
 @pytest.mark.parametrize("frame, code", [
     ("not json", "invalid_json"),
     ('{"type": "chat", "session_id": "x", "message": "a\\ud800"}', "invalid_json"),
+    pytest.param("[" * 5000 + "]" * 5000, "invalid_json", id="nested-too-deep"),
     (json.dumps({"type": "dance"}), "validation_error"),
     (json.dumps({"type": "chat", "session_id": "nope", "message": "hi"}), "session_not_found"),
     (json.dumps({"type": "chat", "message": "hi"}), "validation_error"),
