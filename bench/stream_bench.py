@@ -250,7 +250,7 @@ def fmt(x, unit=""):
 
 def print_table(rows):
     head = ["conc", "path", "ok/req", "TTFT p50", "TTFT p99", "added p50", "added p99",
-            "tok/s/stream", "tok/s total", "CPU s/1k tok"]
+            "tok/s/stream", "tok/s total", "CPU s/1k tok"]  # CPU: the stand-in's (direct), gunicorn's (backend)
     lines = [head]
     for row in rows:
         for kind in ("direct", "backend"):
@@ -262,7 +262,7 @@ def print_table(rows):
                 fmt(row["added_ttft_p50_ms"], " ms") if backend else "",
                 fmt(row["added_ttft_p99_ms"], " ms") if backend else "",
                 fmt(s["tokens_per_s_per_stream_p50"]), fmt(s["tokens_per_s_total"]),
-                fmt(row["gunicorn_cpu_s_per_1000_tokens"]) if backend else "",
+                fmt(row["gunicorn_cpu_s_per_1000_tokens" if backend else "standin_cpu_s_per_1000_tokens"]),
             ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
@@ -322,10 +322,12 @@ def main():
             rounds = max(args.rounds, math.ceil(args.min_samples / concurrency))
             print(f"concurrency {concurrency}: {rounds} round(s) of {concurrency} streams of "
                   f"{args.words} pieces, {args.delay} s apart ...", flush=True)
+            standin_before = cpu_seconds(standin.pid)
             results, wall = asyncio.run(run_phase(
                 "direct", "127.0.0.1", standin_port, "/chat/stream", [direct_body] * concurrency,
                 rounds, args.ramp, args.timeout))
             direct = summarise(results, wall)
+            standin_cpu = cpu_seconds(standin.pid) - standin_before
             # One session per client: a session takes one reply at a time.
             sessions = [requests.post(service + "/api/sessions").json()["session_id"]
                         for _ in range(concurrency)]
@@ -343,6 +345,9 @@ def main():
                 "gunicorn_cpu_s": round(cpu, 3), "gunicorn_processes": len(after),
                 "gunicorn_cpu_s_per_1000_tokens": round(cpu / backend["tokens"] * 1000, 3)
                 if backend["tokens"] else None,
+                # for scale: what the stand-in (also Python) spends making and sending them
+                "standin_cpu_s_per_1000_tokens": round(standin_cpu / direct["tokens"] * 1000, 3)
+                if direct["tokens"] else None,
             })
     finally:
         stop(gunicorn)
