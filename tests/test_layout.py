@@ -12,7 +12,7 @@ PINNED = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?==[A-Za-
 
 
 @pytest.mark.parametrize("path", ["wsgi.py", "chatbot/__init__.py", "schema.sql", "requirements.txt",
-                                  "requirements-dev.txt", "gunicorn.conf.py", "tests/conftest.py"])
+                                  "requirements-dev.txt", "gunicorn.conf.py", "tests/conftest.py", "README.md"])
 def test_the_top_level_files_exist(path):
     assert (ROOT / path).is_file()
 
