@@ -92,6 +92,14 @@ def process_tree(pid):
         return [pid]
 
 
+def _environ(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
 def cpu_snapshot(pid):
     return {p: cpu_seconds(p) for p in process_tree(pid)}
 
@@ -350,8 +358,12 @@ def main():
                 if direct["tokens"] else None,
             })
     finally:
+        workers = process_tree(gunicorn.pid)[1:]
         stop(gunicorn)
         stop(standin)
+        for pid in workers:  # a worker stuck in a request outlives a master killed after the wait
+            if f"CHATBOT_BIND={env['CHATBOT_BIND']}".encode() in _environ(pid):
+                os.kill(pid, signal.SIGKILL)
 
     report = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -127,7 +127,8 @@ class Gunicorn(Process):
     def __init__(self, db_path, env):
         port = free_port()
         self.db_path = db_path
-        env = {"CHATBOT_BIND": f"127.0.0.1:{port}", "CHATBOT_DATABASE": str(db_path), **env}
+        self.bind = f"127.0.0.1:{port}"
+        env = {"CHATBOT_BIND": self.bind, "CHATBOT_DATABASE": str(db_path), **env}
         super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
                          f"http://127.0.0.1:{port}", "/api/health", env)
 
@@ -143,9 +144,30 @@ class Gunicorn(Process):
 
     def stop(self):
         # Tests need no graceful shutdown: SIGINT is gunicorn's quick one.
+        workers = self.worker_pids()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         super().stop()
+        # A worker whose thread is stuck in a request (a WebSocket, say) does not
+        # exit, and outlives a master killed after the wait: end it too.
+        for pid in workers:
+            if self.is_ours(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    def worker_pids(self):
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                return [int(pid) for pid in f.read().split()]
+        except OSError:
+            return []
+
+    def is_ours(self, pid):
+        """Still a process of this server (not a pid reused meanwhile)."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return f"CHATBOT_BIND={self.bind}".encode() in f.read().split(b"\0")
+        except OSError:
+            return False
 
 
 def new_api_key(db_path, name):
