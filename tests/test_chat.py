@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from chatbot import context, create_app
+from chatbot import context
 from chatbot.standin import MARKER
 from helpers import stored_messages
 
@@ -69,10 +69,8 @@ def test_generation_options_reach_the_upstream_within_their_defaults(app, client
 
 
 @pytest.fixture
-def openai_client(tmp_path, standin):
-    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "openai.sqlite"), "LLM_URL": standin,
-                      "LLM_PROTOCOL": "openai", "LLM_MODEL": "midm-2.0-mini", "LLM_API_KEY": "k-123"})
-    return app.test_client()
+def openai_client(make_app):
+    return make_app(LLM_PROTOCOL="openai", LLM_MODEL="midm-2.0-mini", LLM_API_KEY="k-123").test_client()
 
 
 @pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])

@@ -6,18 +6,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatbot import create_app
 from helpers import assert_problem, stored_messages
 
 DEAD_LLM = "http://127.0.0.1:9"  # nothing listens on the discard port
 
 
 @pytest.fixture
-def offline_client(tmp_path):
+def offline_client(make_app):
     """A service whose LLM server cannot be reached, failing at once (no retries)."""
-    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "offline.sqlite"),
-                      "LLM_URL": DEAD_LLM, "LLM_CONNECT_RETRIES": 0})
-    return app.test_client()
+    return make_app(LLM_URL=DEAD_LLM, LLM_CONNECT_RETRIES=0).test_client()
 
 
 # --- the body ------------------------------------------------------------------
@@ -127,8 +124,8 @@ def test_an_unknown_path_is_not_found(client, path):
     assert_problem(client.get(path), 404, "not_found")
 
 
-def test_an_unexpected_exception_is_a_problem_without_a_traceback(tmp_path, standin):
-    app = create_app({"DATABASE": str(tmp_path / "x.sqlite"), "LLM_URL": standin})
+def test_an_unexpected_exception_is_a_problem_without_a_traceback(make_app):
+    app = make_app(TESTING=False)
 
     @app.get("/boom")
     def boom():
@@ -185,10 +182,8 @@ def test_an_upstream_that_does_not_answer_in_time_is_504(app, client, session_id
 @pytest.mark.parametrize("path", ["/api/chat", "/api/chat/stream"])
 @pytest.mark.parametrize("hang_connect, setting", [(True, "LLM_CONNECT_TIMEOUT"),
                                                    (False, "LLM_FIRST_TOKEN_TIMEOUT")])
-def test_an_upstream_that_never_answers_is_504(tmp_path, silent_listener, path, hang_connect, setting):
-    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "t.sqlite"),
-                      "LLM_URL": silent_listener(hang_connect), setting: 0.3})
-    client = app.test_client()
+def test_an_upstream_that_never_answers_is_504(make_app, silent_listener, path, hang_connect, setting):
+    client = make_app(LLM_URL=silent_listener(hang_connect), **{setting: 0.3}).test_client()
     sid = client.post("/api/sessions").json["session_id"]
     assert_problem(client.post(path, json={"session_id": sid, "message": "hi"}), 504, "upstream_timeout")
     reply = client.get(f"/api/sessions/{sid}/messages").json["messages"][-1]

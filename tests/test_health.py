@@ -3,14 +3,6 @@ import time
 
 import pytest
 
-from chatbot import create_app
-
-
-def make_client(tmp_path, llm_url, **config):
-    app = create_app({"TESTING": True, "DATABASE": str(tmp_path / "health.sqlite"), "LLM_URL": llm_url,
-                      **config})
-    return app, app.test_client()
-
 
 def test_all_well(client, standin):
     response = client.get("/api/health")
@@ -23,13 +15,13 @@ def test_all_well(client, standin):
     assert llm["latency_ms"] >= 0 and llm["standin"] is True
 
 
-def test_the_openai_protocol_is_checked_on_its_models_endpoint(tmp_path, standin, standin_log):
-    _, client = make_client(tmp_path, standin, LLM_PROTOCOL="openai")
+def test_the_openai_protocol_is_checked_on_its_models_endpoint(make_app):
+    client = make_app(LLM_PROTOCOL="openai").test_client()
     assert client.get("/api/health").json["llm"]["ok"] is True
 
 
-def test_an_unreachable_llm_is_degraded(tmp_path):
-    _, client = make_client(tmp_path, "http://127.0.0.1:9")
+def test_an_unreachable_llm_is_degraded(make_app):
+    client = make_app(LLM_URL="http://127.0.0.1:9").test_client()
     response = client.get("/api/health")
     assert response.status_code == 200
     assert response.json["status"] == "degraded"
@@ -37,8 +29,8 @@ def test_an_unreachable_llm_is_degraded(tmp_path):
 
 
 @pytest.mark.parametrize("hang_connect", [False, True])
-def test_a_hung_llm_server_does_not_hang_the_health_check(tmp_path, silent_listener, hang_connect):
-    _, client = make_client(tmp_path, silent_listener(hang_connect), HEALTH_TIMEOUT=0.5)
+def test_a_hung_llm_server_does_not_hang_the_health_check(make_app, silent_listener, hang_connect):
+    client = make_app(LLM_URL=silent_listener(hang_connect), HEALTH_TIMEOUT=0.5).test_client()
     started = time.monotonic()
     response = client.get("/api/health")
     assert time.monotonic() - started < 5
