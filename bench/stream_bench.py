@@ -305,7 +305,9 @@ def main():
     standin = start([sys.executable, "-m", "chatbot.standin", "--port", str(standin_port),
                      "--delay", str(args.delay)], f"http://127.0.0.1:{standin_port}/health")
     env = {"CHATBOT_BIND": f"127.0.0.1:{service_port}", "CHATBOT_DATABASE": f"{tmp}/bench.sqlite",
-           "CHATBOT_LLM_URL": f"http://127.0.0.1:{standin_port}", "CHATBOT_LLM_PROTOCOL": "midm"}
+           "CHATBOT_LLM_URL": f"http://127.0.0.1:{standin_port}", "CHATBOT_LLM_PROTOCOL": "midm",
+           # Keys off: one client key would meet the per-key stream and rate limits.
+           "CHATBOT_AUTH": "disabled"}
     if args.workers:
         env["CHATBOT_WORKERS"] = args.workers
     if args.threads:
