@@ -22,6 +22,17 @@ accesslog = None
 wsgi_app = "wsgi:app"
 
 
+# gunicorn's control socket has one default path for every instance on the
+# machine; we do not use it, and two instances would take it from each other.
+control_socket_disable = True
+
+
+def when_ready(server):
+    """Load the app in the master once, so that child_exit has its settings at
+    hand when a worker dies, instead of building the app then."""
+    import wsgi  # noqa: F401
+
+
 def child_exit(server, worker):
     """A worker died (or was killed): release the sessions it was replying in,
     so they accept a new chat at once, and keep the text it had stored."""
