@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import SSEStream
+from conftest import SSEStream, wait_for
 from helpers import assert_problem, rows, stored_messages
 
 STREAMS = 200
@@ -80,7 +80,7 @@ def chat(server, session_id, message, path="/api/chat"):
 
 
 def test_a_second_chat_while_a_reply_streams_is_refused_by_every_worker(server):
-    assert len(worker_pids(server)) == 2
+    assert wait_for(lambda: len(worker_pids(server)) == 2, timeout=30)  # the second may still be booting
     sid = server.new_session()
     s = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=20 @@delay=0.1"})
     events = s.events()
