@@ -8,9 +8,11 @@ bind = os.environ.get("CHATBOT_BIND", "127.0.0.1:5000")
 worker_class = "gthread"
 workers = int(os.environ.get("CHATBOT_WORKERS", "2"))
 threads = int(os.environ.get("CHATBOT_THREADS", "256"))
-# A worker takes no more connections than it has threads: the rest wait in the
+# A worker takes few more connections than it has threads: the rest wait in the
 # listen queue for a worker with a free thread, instead of starving in this one.
-worker_connections = threads
+# The margin is for idle keep-alive connections (nginx keeps some open), which
+# hold a connection slot but no thread; with none, gunicorn turns keep-alive off.
+worker_connections = threads + 32
 # With gthread, `timeout` is a heartbeat of each worker's main loop, not a limit
 # on a request: a long stream is never cut by it.
 timeout = int(os.environ.get("CHATBOT_WORKER_TIMEOUT", "30"))
