@@ -135,8 +135,7 @@ class Turn:
                     if self.client_gone():
                         return "incomplete", "client_gone", CLIENT_GONE
         except UpstreamError as e:
-            status = "incomplete" if self.text else "failed"
-            return status, None, {"code": e.code, "detail": e.detail}
+            return "incomplete", None, {"code": e.code, "detail": e.detail}
 
     def _usage(self):
         """The upstream's usage when it gave one, else our estimate (marked as such)."""
