@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_problem, stored_messages
+from helpers import assert_problem
 
 DEAD_LLM = "http://127.0.0.1:9"  # nothing listens on the discard port
 

@@ -244,9 +244,12 @@ def test_a_client_that_leaves_stops_the_generation_on_the_server(llama, backend)
     server = backend(llama.url)
     sid = server.new_session()
     stream = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, **turn(STORY, max_new_tokens=4000)})
+    events = stream.events()
+    kind, start, _ = next(events)
+    assert kind == "start"
+    reply_id = start["message_id"]
     arrivals = []
-    for kind, data, at in stream.events():
-        reply_id = data["message_id"] if kind == "start" else reply_id
+    for kind, data, at in events:
         if kind == "delta":
             arrivals.append(at)
             if len(arrivals) == 10:

@@ -37,14 +37,20 @@ def test_a_worker_killed_mid_answer_frees_the_session_and_keeps_its_text(server,
     assert server.proc.poll() is None
 
 
-def test_a_graceful_shutdown_lets_a_running_answer_finish(start_server):
-    server = start_server(CHATBOT_GRACEFUL_TIMEOUT="20")
+def signal_mid_stream(server, sig, words):
+    """Start a streamed answer of `words` pieces, send gunicorn's master `sig`,
+    and read the rest of the stream: (session id, events after start)."""
     sid = server.new_session()
-    stream = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=40 @@delay=0.05"})
+    stream = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": f"@@words={words} @@delay=0.05"})
     events = stream.events()
     assert next(events)[0] == "start"
-    server.proc.send_signal(signal.SIGTERM)
-    rest = list(events)
+    server.proc.send_signal(sig)
+    return sid, list(events)
+
+
+def test_a_graceful_shutdown_lets_a_running_answer_finish(start_server):
+    server = start_server(CHATBOT_GRACEFUL_TIMEOUT="20")
+    _, rest = signal_mid_stream(server, signal.SIGTERM, words=40)
     assert rest[-1][0] == "done" and rest[-1][1]["status"] == "complete"
     server.proc.wait(20)
     with sqlite3.connect(server.db_path) as db:
@@ -53,12 +59,7 @@ def test_a_graceful_shutdown_lets_a_running_answer_finish(start_server):
 
 def test_an_answer_longer_than_the_graceful_timeout_is_stored_incomplete(start_server):
     server = start_server(CHATBOT_GRACEFUL_TIMEOUT="3")
-    sid = server.new_session()
-    stream = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=400 @@delay=0.05"})
-    events = stream.events()
-    assert next(events)[0] == "start"
-    server.proc.send_signal(signal.SIGTERM)
-    rest = list(events)
+    _, rest = signal_mid_stream(server, signal.SIGTERM, words=400)
     name, done, _ = rest[-1]
     assert name == "done" and done["status"] == "incomplete" and done["finish_reason"] == "shutdown"
     assert done["content"] == "".join(e[1]["content"] for e in rest if e[0] == "delta")
@@ -71,12 +72,7 @@ def test_an_answer_longer_than_the_graceful_timeout_is_stored_incomplete(start_s
 
 def test_a_reload_with_sighup_lets_the_running_answer_finish_and_keeps_serving(start_server):
     server = start_server(CHATBOT_GRACEFUL_TIMEOUT="20")
-    sid = server.new_session()
-    stream = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=40 @@delay=0.05"})
-    events = stream.events()
-    assert next(events)[0] == "start"
-    server.proc.send_signal(signal.SIGHUP)
-    rest = list(events)
+    sid, rest = signal_mid_stream(server, signal.SIGHUP, words=40)
     assert rest[-1][0] == "done" and rest[-1][1]["status"] == "complete"
     answer = requests.post(server.url + "/api/chat", json={"session_id": sid, "message": "@@words=2"})
     assert answer.status_code == 200 and answer.json()["status"] == "complete"
