@@ -6,6 +6,8 @@ from http import HTTPStatus
 from flask import current_app
 from werkzeug.exceptions import HTTPException
 
+from .store import is_busy
+
 log = logging.getLogger(__name__)
 
 # Werkzeug's HTTP errors, renamed to the contract's codes.
@@ -63,7 +65,7 @@ def init_app(app):
 
     @app.errorhandler(sqlite3.OperationalError)
     def database_busy(e):
-        if "locked" not in str(e) and "busy" not in str(e):
+        if not is_busy(e):
             return unexpected(e)
         log.warning("database busy: %s", e)
         return problem(ApiError(503, "database_busy", "The database is busy; try again in a moment.",

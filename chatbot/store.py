@@ -395,6 +395,11 @@ def finish_turn(db, session_id, reply_id, content, status, token_usage, finish_r
     return get_message(db, reply_id)
 
 
+def is_busy(error):
+    """Whether a sqlite3.OperationalError says another writer holds the database."""
+    return "locked" in str(error) or "busy" in str(error)
+
+
 def when_not_busy(write, *args, seconds=60):
     """Call write(*args), again while SQLite says the database is locked.
 
@@ -406,7 +411,7 @@ def when_not_busy(write, *args, seconds=60):
         try:
             return write(*args)
         except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
+            if not is_busy(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 
