@@ -90,14 +90,16 @@ def listed(client, session_id):
 
 
 def test_messages_written_in_the_same_second_stay_in_order(app, client, session_id, monkeypatch):
-    monkeypatch.setattr(store, "now_iso", lambda: "2026-01-01T00:00:00+00:00")  # CURRENT_TIMESTAMP-like
+    for module in (store.sessions, store.turns):  # CURRENT_TIMESTAMP-like
+        monkeypatch.setattr(module, "now_iso", lambda: "2026-01-01T00:00:00+00:00")
     written = write_turns(app, session_id, 30)
     assert listed(client, session_id) == written
 
 
 def test_messages_stay_in_order_when_the_clock_steps_back(app, client, session_id, monkeypatch):
     clock = iter(f"2026-01-01T00:00:{59 - i:02d}+00:00" for i in range(60))
-    monkeypatch.setattr(store, "now_iso", lambda: next(clock))
+    for module in (store.sessions, store.turns):
+        monkeypatch.setattr(module, "now_iso", lambda: next(clock))
     written = write_turns(app, session_id, 20)
     assert listed(client, session_id) == written
 

@@ -1,0 +1,56 @@
+"""What every part of the store shares: the write transaction, ids, times, and
+retrying a write that must not be lost while SQLite is busy."""
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+# SQLite has one writer at a time. Threads of one process queue for it here, in
+# order, instead of in SQLite's busy handler, which polls with sleeps and lets a
+# crowd of hundreds of streams starve some of them past the busy timeout.
+_writer = threading.Lock()
+
+
+@contextmanager
+def transaction(db):
+    """BEGIN IMMEDIATE ... COMMIT: take the write lock up front, so a
+    read-then-write cannot be overtaken by another process."""
+    with _writer:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+def now_iso():
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def new_id():
+    return str(uuid.uuid4())
+
+
+def is_busy(error):
+    """Whether a sqlite3.OperationalError says another writer holds the database."""
+    return "locked" in str(error) or "busy" in str(error)
+
+
+def when_not_busy(write, *args, seconds=60):
+    """Call write(*args), again while SQLite says the database is locked.
+
+    For the writes that must not be lost (the final reply, which also clears
+    the marker): another process may hold the write lock past busy_timeout.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return write(*args)
+        except sqlite3.OperationalError as e:
+            if not is_busy(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
