@@ -4,7 +4,7 @@
 network delivers them, for either protocol, streamed or not. Every failure
 becomes one of three typed errors. `Call.abort()` (from any thread) closes the
 connection, which is how a client that left or a stop request reaches the
-upstream.
+upstream, even while it has not answered yet.
 """
 import codecs
 import json
@@ -16,6 +16,7 @@ from typing import Optional
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
 
 READ_SIZE = 65536
 
@@ -145,6 +146,41 @@ def sse_data(read):
 
 # --- the client ---------------------------------------------------------------
 
+# requests.post returns only once the upstream sent its headers, which a busy
+# server (llama.cpp behind its lock) may hold back for minutes; until then there
+# is no response to close. So the connections a Call opens hand their socket to
+# the Call being sent from this thread, and abort() can shut it down.
+_sending = threading.local()
+
+
+class _ReportedSocket:
+    def _new_conn(self):
+        sock = super()._new_conn()
+        call = getattr(_sending, "call", None)
+        if call is not None:
+            call._connected(sock)
+        return sock
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = type("HTTPConnection", (_ReportedSocket, urllib3.connection.HTTPConnection), {})
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = type("HTTPSConnection", (_ReportedSocket, urllib3.connection.HTTPSConnection), {})
+
+
+def _session():
+    """A requests session (one per call, as requests.post makes) whose
+    connections report their socket."""
+    adapter = HTTPAdapter()
+    adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    session = requests.Session()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
 class Upstream:
     def __init__(self, config):
         self.url = config["LLM_URL"].rstrip("/")
@@ -204,24 +240,42 @@ class Call:
         self.url, self.body = upstream.request(messages, options, stream)
         self._lock = threading.Lock()
         self._response = None
+        self._socket = None     # the connection's socket, before there is a response
         self._aborted = False
+
+    def _connected(self, sock):
+        with self._lock:
+            self._socket = sock
+            aborted = self._aborted
+        if aborted:
+            _shutdown(sock)
 
     def _post(self):
         up = self.upstream
         timeout = (up.connect_timeout, up.first_token_timeout)
         for attempt in range(up.retries + 1):
             try:
-                return requests.post(self.url, json=self.body, headers=up.headers(),
-                                     stream=True, timeout=timeout)
+                return self._send(timeout)
             except requests.ConnectTimeout:
                 raise UpstreamTimeout(f"Connecting to the LLM server took longer than {up.connect_timeout:g} s.")
             except requests.ConnectionError as e:
+                if self._aborted:
+                    raise UpstreamCut("The request was aborted.") from None
                 # Nothing was sent yet, so a refused connection is safe to retry.
-                if attempt == up.retries or self._aborted or isinstance(e.args[0], urllib3.exceptions.ProtocolError):
+                if attempt == up.retries or isinstance(e.args[0], urllib3.exceptions.ProtocolError):
                     raise UpstreamUnavailable(f"The LLM server at {up.url} cannot be reached.")
                 time.sleep(0.25 * 2 ** attempt)
             except requests.ReadTimeout:
                 raise UpstreamTimeout("The LLM server did not answer in time.")
+
+    def _send(self, timeout):
+        _sending.call = self
+        try:
+            with _session() as session:
+                return session.post(self.url, json=self.body, headers=self.upstream.headers(), stream=True,
+                                    timeout=timeout)
+        finally:
+            _sending.call = None
 
     def _check_status(self, r):
         if r.ok:
@@ -284,12 +338,22 @@ class Call:
             r.close()
 
     def abort(self):
-        """Close the upstream connection now, waking a read blocked on it."""
+        """Close the upstream connection now, waking a read blocked on it,
+        or requests.post still waiting for the answer's headers."""
         with self._lock:
             self._aborted = True
-            r = self._response
+            r, sock = self._response, self._socket
         if r is not None:
             try:
                 r.raw.shutdown()  # shuts the socket down: the blocked read returns, chunks() closes it
             except (ValueError, RuntimeError, OSError):
                 pass  # already finished and released
+        elif sock is not None:
+            _shutdown(sock)
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed

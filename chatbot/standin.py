@@ -6,8 +6,11 @@ the MARKER, the model name "standin" and an ``X-Standin-LLM: true`` header, so i
 can never pass for a real model.
 
 Directives in the last user message make that one request misbehave on purpose:
-@@words=N @@delay=S @@first=S @@silence=S@K @@break=N @@error=N @@status=CODE[@text]
-@@split @@format=X @@nodone @@nofinish @@nousage.  Recent calls can be inspected
+@@words=N @@delay=S @@first=S @@headers=S @@silence=S@K @@break=N @@error=N
+@@status=CODE[@text] @@split @@format=X @@nodone @@nofinish @@nousage.  @@headers
+holds the answer's headers back for S seconds (a server that queues the
+request), and logs the call as cancelled if the client leaves meanwhile.
+Recent calls can be inspected
 at GET /_standin/requests (and cleared with DELETE).
 
 Streaming relies on werkzeug's threaded dev server (run_standin): every yielded
@@ -16,6 +19,7 @@ bytes object is written as one HTTP/1.1 chunk and flushed at once.
 import argparse
 import json
 import re
+import select
 import socket
 import threading
 import time
@@ -28,7 +32,7 @@ from werkzeug import serving
 
 MARKER = "[stand-in LLM, not a real model] "
 _DIRECTIVE = re.compile(
-    r"@@(words|delay|first|silence|break|error|status|split|format|nodone|nofinish|nousage)(?:=(\S+))?"
+    r"@@(words|delay|first|headers|silence|break|error|status|split|format|nodone|nofinish|nousage)(?:=(\S+))?"
 )
 _FORMATS = ("token", "content", "text", "delta", "response", "openai", "plain")
 _ERROR_TEXT = "stand-in error requested"
@@ -74,6 +78,7 @@ class _Plan:
     delay: float
     words: int | None = None
     first: float = 0.0
+    headers: float = 0.0
     silence: tuple[float, int] | None = None
     break_at: int | None = None
     error_at: int | None = None
@@ -99,7 +104,7 @@ def _read_directives(text: str, delay: float) -> tuple[_Plan, str]:
     for name, value in _DIRECTIVE.findall(text):
         if name == "words":
             plan.words = _num(value, int)
-        elif name in ("delay", "first"):
+        elif name in ("delay", "first", "headers"):
             setattr(plan, name, _num(value))
         elif name == "silence":
             secs, _, after = value.partition("@")
@@ -212,6 +217,24 @@ def _stream(log, entry, sock, plan: _Plan, events: list[bytes], head: list[bytes
         raise
 
 
+def _client_left_within(sock, seconds):
+    """Wait up to `seconds`; True as soon as the client closes its connection
+    (its request was read whole, so anything readable now is the end)."""
+    if sock is None:
+        time.sleep(seconds)
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if poller.poll(left * 1000):
+            try:
+                return sock.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+    return False
+
+
 def _cut(log, entry, sock):
     """Drop the connection abruptly (@@break)."""
     log.end(entry, "broken")
@@ -284,6 +307,9 @@ def create_standin_app(delay: float = 0.05, api_key: str | None = None) -> Flask
         if problem is not None or plan.status:
             log.end(entry, "finished")
             return entry, None, refusal(openai, plan, problem)
+        if plan.headers and _client_left_within(request.environ.get("werkzeug.socket"), plan.headers):
+            log.end(entry, "cancelled")
+            return entry, None, Response(status=499)  # nobody reads it
 
         n_context = sum(m["role"] in ("user", "assistant") for m in messages)
         pieces = _pieces(plan, echo, n_context)

@@ -123,3 +123,16 @@ def test_abort_closes_the_upstream_connection(standin, standin_log):
     c.abort()
     assert list(chunks) == []
     assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)
+
+
+@pytest.mark.parametrize("protocol", ["midm", "openai"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_abort_closes_a_request_still_waiting_for_the_answers_headers(standin, standin_log, protocol, stream):
+    c = upstream(standin, protocol).call([{"role": "user", "content": "@@headers=30"}], OPTIONS, stream=stream)
+    threading.Timer(0.5, c.abort).start()
+    started = time.monotonic()
+    with pytest.raises(UpstreamCut):
+        c.open()
+    assert time.monotonic() - started < 10
+    # The upstream saw the connection close: the request left its queue.
+    assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)

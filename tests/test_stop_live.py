@@ -2,6 +2,7 @@
 import requests
 
 from conftest import SSEStream, wait_for
+from helpers import in_thread
 
 
 def test_stop_from_another_server_process_ends_the_stream_as_incomplete(start_server, tmp_path, standin_log):
@@ -59,3 +60,14 @@ def test_a_stopped_json_chat_returns_the_incomplete_reply(server):
     reply = answer.json()
     assert reply["finish_reason"] == "stopped" and reply["status"] == "failed"
     assert reply["error"]["code"] == "stopped"
+
+
+def test_a_stop_reaches_an_upstream_that_has_not_answered_yet(server, standin_log):
+    # The upstream holds its headers back (a request queued behind a busy model):
+    # the stop must close that connection too, not only the turn.
+    sid = server.new_session()
+    answer = in_thread(requests.post, f"{server.url}/api/chat/stream",
+                       json={"session_id": sid, "message": "@@headers=60"})
+    assert wait_for(lambda: requests.post(f"{server.url}/api/sessions/{sid}/stop").status_code == 202)
+    assert answer().status_code == 200   # its one event says: stopped before any text
+    assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)
