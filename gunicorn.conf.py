@@ -38,12 +38,16 @@ def when_ready(server):
 def child_exit(server, worker):
     """A worker died (or was killed): release the sessions it was replying in,
     so they accept a new chat at once, and keep the text it had stored."""
+    import socket
+
     from chatbot import db, store
     from wsgi import app
 
     conn = db.connect(app.config["DATABASE"])
     try:
-        store.recover_dead_generations(conn, pid=worker.pid)
+        # The lease is the truth (a lease that expires frees the session anyway);
+        # the master knows this worker is dead, so it frees its sessions at once.
+        store.recover_dead_generations(conn, lease_owner_prefix=f"{socket.gethostname()}:{worker.pid}:")
     finally:
         conn.close()
 

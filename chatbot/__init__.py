@@ -25,6 +25,9 @@ DEFAULTS = {
     "MAX_MESSAGE_CHARS": 16000,
     "MAX_CONTENT_LENGTH": 1024 * 1024,   # bytes of a request body; larger gets 413
     "SSE_KEEPALIVE": 15,
+    "RESUME_GRACE": 5,                   # seconds a reply goes on after its last client left
+    "LEASE_SECONDS": 15,                 # a running reply's lease; a dead worker's replies are freed after it
+    "IDEMPOTENCY_TTL": 86400,            # seconds an Idempotency-Key is remembered
     "TITLE_MAX_CHARS": 200,              # a title the user sets
     "METADATA_MAX_BYTES": 8192,          # a session's metadata, as compact UTF-8 JSON
     "SYSTEM_PROMPT_MAX_CHARS": 8000,     # a session's own system prompt

@@ -31,7 +31,6 @@ from .errors import ApiError
 LOCAL_OWNER = "local"
 KEY_PREFIX = "cbk_"
 KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-STREAM_RETRY_AFTER = 5   # seconds; a running reply may end any moment, or in minutes
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("chatbot.requests")
@@ -105,24 +104,29 @@ def check_request():
         return
     g.owner, g.key_name = authenticate()
     limit = per_key_limit("RATE_LIMIT_PER_MINUTE")
-    if limit:
+    if limit and not is_retry():
         wait = store.take_request(get_db(), g.owner, limit, 60)
         if wait:
             raise ApiError(429, "rate_limited", f"More than {limit} requests per minute with this key.",
                            headers={"Retry-After": str(wait)})
 
 
+def is_retry():
+    """A request whose Idempotency-Key is known: a retry is not refused for being one."""
+    from .turns import TurnRefused, idempotency_key  # turns uses this module
+
+    try:
+        key = idempotency_key(request.headers.get("Idempotency-Key"))
+    except TurnRefused:
+        return False  # the view says why
+    return key is not None and store.idempotent_turn(get_db(), g.owner, key,
+                                                     current_app.config["IDEMPOTENCY_TTL"]) is not None
+
+
 def per_key_limit(setting):
     """A per-key limit, or 0 (none) when keys are off: then every client is the
     one owner 'local', and a shared budget would throttle them all together."""
     return current_app.config[setting] if current_app.config["AUTH"] == "required" else 0
-
-
-def too_many_streams():
-    limit = current_app.config["MAX_STREAMS_PER_KEY"]
-    return ApiError(429, "too_many_streams",
-                    f"This key already has {limit} replies being generated; wait for one to end.",
-                    headers={"Retry-After": str(STREAM_RETRY_AFTER)})
 
 
 # --- one log line per request ----------------------------------------------

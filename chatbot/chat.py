@@ -1,95 +1,65 @@
-"""Chat turns, framed as one JSON answer or a Server-Sent Events stream; stop."""
-import itertools
+"""Chat turns, framed as one JSON answer or a Server-Sent Events stream;
+re-attaching to a reply; stop."""
 import json
 import time
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
-from . import context, store
-from .access import per_key_limit, too_many_streams
-from .db import get_db
-from .errors import ApiError
-from .generation import INTERNAL_ERROR, Turn, client_watcher
+from . import turns
+from .generation import client_watcher
 from .models import ChatRequest, parse_body
-from .sessions import session_or_404
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 
-
-def start_turn(body, stream, client_gone=None):
-    """Everything before the upstream is asked: checks, the stored user message, the context.
-
-    With body.regenerate, no new message: the session's last reply is replaced
-    by a new one made from the same context (store.begin_turn)."""
-    cfg = current_app.config
-    conn = get_db()
-    session = session_or_404(body.session_id)
-    # The session's own system prompt, when it has one, replaces the default ("" means none).
-    system_prompt = session["system_prompt"]
-    if system_prompt is None:
-        system_prompt = cfg["SYSTEM_PROMPT"]
-    budget = cfg["CONTEXT_MAX_TOKENS"]
-    text = store.last_user_message(conn, body.session_id) if body.regenerate else body.message
-    if text is None:
-        raise nothing_to_regenerate()
-    if not context.fits(system_prompt, text, budget):
-        field = "regenerate" if body.regenerate else "message"
-        raise ApiError(422, "validation_error", "The message does not fit the context budget.",
-                       errors=[{"field": field, "detail": f"with the system prompt, longer than the context"
-                                                          f" budget of {budget} tokens"}])
-    try:
-        ids = store.begin_turn(conn, body.session_id, None if body.regenerate else body.message,
-                               per_key_limit("MAX_STREAMS_PER_KEY"))
-    except store.NothingToRegenerate:
-        raise nothing_to_regenerate() from None
-    except store.TooManyTurns:
-        raise too_many_streams() from None
-    if ids is None:
-        raise ApiError(409, "generation_in_progress",
-                       "A reply is still being generated for this session; wait for it or stop it.")
-    try:
-        messages = context.build(system_prompt, store.history(conn, body.session_id), budget)
-        return Turn(cfg, current_app.extensions["upstream"], body.session_id, *ids, messages,
-                    body.options(), stream=stream, client_gone=client_gone)
-    except BaseException:
-        # Never leave the session marked as generating a reply nobody generates.
-        store.finish_turn(conn, body.session_id, ids[1], "", "failed", None, None, INTERNAL_ERROR)
-        raise
+REPLAYED = {"Idempotent-Replayed": "true"}
 
 
-def nothing_to_regenerate():
-    return ApiError(409, "nothing_to_regenerate", "This session has no reply to regenerate.")
-
-
-def turn_error(problem):
-    return ApiError(problem["status"], problem["code"], problem["detail"],
-                    message_id=problem["message"]["message_id"])
+def start(body, stream):
+    """The turn a chat request asks for: (events, replayed)."""
+    g.session_id = body.session_id  # for the request log
+    key = turns.idempotency_key(request.headers.get("Idempotency-Key"))
+    return turns.chat(body, g.owner, key, stream=stream, client_gone=client_watcher(request.environ))
 
 
 @bp.post("/chat")
 def chat():
-    body = parse_body(ChatRequest)
-    turn = start_turn(body, stream=False, client_gone=client_watcher(request.environ))
-    for kind, value in turn.events():
+    events, replayed = start(parse_body(ChatRequest), stream=False)
+    for kind, value, _ in events:
         if kind == "done":
-            return value
+            return value, 200, REPLAYED if replayed else {}
         if kind == "error":
-            raise turn_error(value)
+            raise turns.failed(value, replayed)
+    raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
 
 
 @bp.post("/chat/stream")
 def chat_stream():
-    body = parse_body(ChatRequest)
-    turn = start_turn(body, stream=True, client_gone=client_watcher(request.environ))
-    events = turn.events()
+    events, replayed = start(parse_body(ChatRequest), stream=True)
+    return sse_response(events, replayed)
+
+
+@bp.get("/sessions/<session_id>/messages/<message_id>/stream")
+def resume(session_id, message_id):
+    """Re-attach to a reply: what came after position `after`, then live, then its end."""
+    g.session_id = session_id
+    after = request.args.get("after", request.headers.get("Last-Event-ID", "0"))
+    events = turns.attach(session_id, message_id, g.owner, turns.position(after),
+                          client_watcher(request.environ))
+    return sse_response(events)
+
+
+def sse_response(events, replayed=False):
     # The upstream is asked before the response starts, so that a server that
     # cannot be reached or refuses is a plain problem+json answer, not a stream.
-    first = next(e for e in events if e[0] != "idle")
+    first = next((e for e in events if e[0] != "idle"), None)
+    if first is None:
+        raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
     if first[0] == "error":
-        raise turn_error(first[1])
+        events.close()
+        raise turns.failed(first[1], replayed)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(REPLAYED if replayed else {})}
     return Response(sse(first, events, current_app.config["SSE_KEEPALIVE"]),
-                    mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                    mimetype="text/event-stream", headers=headers)
 
 
 def sse_event(event, data, event_id=None):
@@ -98,31 +68,31 @@ def sse_event(event, data, event_id=None):
 
 
 def sse(first, events, keepalive):
-    """Frame a turn's events as Server-Sent Events."""
-    last_write, deltas = time.monotonic(), 0
+    """Frame a reply's events as Server-Sent Events; ids are positions in the reply."""
+    last_write = time.monotonic()
     try:
-        for kind, value in itertools.chain([first], events):
+        kind, value, pos = first
+        yield sse_event(kind, value)
+        for kind, value, pos in events:
             if kind == "idle":
                 if time.monotonic() - last_write < keepalive:
                     continue
                 frame = b": keep-alive\n\n"
             elif kind == "delta":
-                deltas += 1
-                frame = sse_event("delta", {"content": value}, deltas)
+                frame = sse_event("delta", {"content": value}, pos)
             elif kind == "error":
                 frame = sse_event("error", {"code": value["code"], "detail": value["detail"],
-                                            "message_id": value["message"]["message_id"]})
-            else:  # start, done
-                frame = sse_event(kind, value)
+                                            "message_id": (value.get("message") or {}).get("message_id")}, pos)
+            else:  # done
+                frame = sse_event(kind, value, pos)
             last_write = time.monotonic()
             yield frame
     finally:
-        events.close()  # a client that left: the turn closes the upstream and stores the text
+        events.close()  # a client that left: the reply goes on for the grace period, or to its end
 
 
 @bp.post("/sessions/<session_id>/stop")
 def stop(session_id):
-    session_or_404(session_id)
-    if not store.request_stop(get_db(), session_id):
-        raise ApiError(409, "nothing_to_stop", "No reply is being generated for this session.")
+    g.session_id = session_id
+    turns.stop(session_id, g.owner)
     return {"stopped": True}, 202

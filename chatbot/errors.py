@@ -53,8 +53,25 @@ def validation_error(pydantic_error, detail="The request body is not valid."):
     return ApiError(422, "validation_error", detail, errors=errors)
 
 
+# The HTTP status of each refusal of chatbot/turns.py (an upstream's error carries its own).
+TURN_STATUS = {
+    "session_not_found": 404, "message_not_found": 404, "generation_in_progress": 409,
+    "nothing_to_regenerate": 409, "nothing_to_stop": 409, "too_many_streams": 429, "validation_error": 422,
+    "idempotency_key_reused": 422, "invalid_idempotency_key": 400, "invalid_position": 400,
+}
+
+
+def refusal(e):
+    """A turns.TurnRefused as an ApiError."""
+    return ApiError(e.status or TURN_STATUS[e.code], e.code, e.detail, errors=e.errors, headers=e.headers,
+                    **e.extra)
+
+
 def init_app(app):
+    from .turns import TurnRefused
+
     app.register_error_handler(ApiError, problem)
+    app.register_error_handler(TurnRefused, lambda e: problem(refusal(e)))
 
     @app.errorhandler(HTTPException)
     def http_error(e):

@@ -1,207 +1,394 @@
-"""One chat turn, generated once and framed three ways (JSON, SSE, WebSocket).
+"""One reply, produced once, followed by any number of clients.
 
-`Turn.events()` yields ("start", ids), ("delta", text), ("idle", None) while
-nothing arrives, and ends with ("done", message) or ("error", problem). A
-helper thread reads the upstream into a queue, so this loop stays free to
-notice a stop request, a client that left, or a timeout, and to close the
-upstream at once. Whatever ends the turn, the reply is stored in `finally`.
+A `Turn` is the producer: a thread of its own reads the upstream, keeps the
+reply's text in memory (pieces with their end positions, in code points), and
+stores the reply when it ends. Clients are subscribers: `Turn.follow()` for a
+client of this process, `follow_stored()` for a reply produced by another
+process or host (or already over), which reads the durable text log. Both
+yield the same events, (kind, value, position):
+
+    ("start", ids, None)  ("delta", text, end position)  ("idle", None, None)
+    and last ("done", message, length) or ("error", problem, length)
+
+JSON, SSE, WebSocket and the OpenAI door only frame these events.
+
+One `Monitor` thread per process looks after all its running turns at once:
+it appends their new text to the database (one transaction for all of them),
+renews their leases, reads stop requests, and ends a turn that timed out, was
+stopped, lost its lease or has had no listener for CHATBOT_RESUME_GRACE
+seconds, by aborting its upstream call (which wakes the producer's read).
 """
+import bisect
 import logging
 import os
-import queue
+import secrets
 import select
 import socket
-import sqlite3
 import ssl
 import threading
 import time
 
 from . import context, db, store
-from .llm import UpstreamError, UpstreamTimeout
+from .llm import UpstreamError
 
 log = logging.getLogger(__name__)
 
-TICK = 0.25             # how often the loop looks around while nothing arrives
-STOP_CHECK_SECONDS = 0.5
+TICK = 0.2               # how long a subscriber waits before it looks around (keep-alives, a gone client)
+LOG_SECONDS = 0.2        # how often new text of running replies is appended to the database
+CLIENT_CHECK_SECONDS = 0.5
+WATCH_SECONDS = 3.0      # how long a client attached through another process counts as listening
+SWEEP_SECONDS = 5.0      # how often replies of dead workers elsewhere are looked for
+PRUNE_SECONDS = 600.0    # how often expired idempotency keys and old activity rows are deleted
 # Set by the gunicorn worker shortly before a graceful stop would kill it
 # (gunicorn.conf.py): running turns end as incomplete and say so.
 SHUTDOWN = threading.Event()
 INTERNAL_ERROR = {"code": "internal_error", "detail": "The reply could not be generated."}
 STOPPED_BEFORE_TEXT = {"code": "stopped", "detail": "The reply was stopped before any text arrived."}
 CLIENT_GONE = {"code": "client_gone", "detail": "The client disconnected before the reply was finished."}
+MESSAGE_GONE = {"code": "message_not_found", "detail": "The reply was deleted with its session."}
+
+
+def lease_owner():
+    """This process's owner id for leases: unique across hosts and restarts."""
+    global _owner
+    if _owner is None or _owner[0] != os.getpid():
+        _owner = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}")
+    return _owner[1]
+
+
+_owner = None
 
 
 class Turn:
-    def __init__(self, config, upstream, session_id, user_message_id, reply_id, messages, options,
-                 stream=True, client_gone=None):
+    def __init__(self, config, upstream, session_id, ids, messages, options, stream=True, keep_going=False):
         self.config = config
-        self.session_id, self.user_message_id, self.reply_id = session_id, user_message_id, reply_id
+        self.session_id, self.user_message_id = session_id, ids["user_message_id"]
+        self.reply_id, self.fence = ids["reply_id"], ids["fence"]
         self.messages = messages
         self.call = upstream.call(messages, options, stream=stream)
-        self.client_gone = client_gone or (lambda: False)
-        self.queue = queue.Queue()
-        self.text = []
-        self.pieces = 0
-        self.usage = None
-        self.finish_reason = None
-        self.message = None   # the stored reply, once the turn is over
-        self.stop = threading.Event()  # set by a stop request (see Monitor) or a WebSocket stop frame
+        self.keep_going = keep_going      # "on_disconnect": "continue"
+        self.cond = threading.Condition()
+        self.texts, self.ends = [], []    # the reply's pieces, and the position after each
+        self.logged = 0                   # how many pieces the database has
+        self.started = False              # the upstream accepted the request
+        self.terminal = None              # (kind, value) once the reply is stored
+        self.ending = None                # (status, finish_reason, error) when ended from outside
+        self.lost = False                 # our lease was taken over: write nothing more
+        self.subscribers, self.left_at = 0, None
+        self.watched_until = 0.0          # a client attached through another process
+        self.began, self.last_text = time.monotonic(), None
+        self.usage = self.finish_reason = None
 
-    def _read_upstream(self):
-        try:
-            self.call.open()
-            self.queue.put(("opened", None))
-            for chunk in self.call.chunks():
-                self.queue.put(("chunk", chunk))
-            self.queue.put(("end", None))
-        except UpstreamError as e:
-            self.queue.put(("error", e))
-        except Exception as e:  # never let the loop wait forever on a dead reader
-            self.queue.put(("error", UpstreamError(f"Reading the LLM server failed: {type(e).__name__}")))
+    @property
+    def ids(self):
+        return {"session_id": self.session_id, "user_message_id": self.user_message_id,
+                "message_id": self.reply_id}
 
-    def events(self):
-        outcome = ("failed", None, INTERNAL_ERROR)
-        threading.Thread(target=self._read_upstream, daemon=True, name="upstream-reader").start()
+    def start(self):
         MONITOR.add(self)
+        threading.Thread(target=self._produce, daemon=True, name="turn-producer").start()
+        return self
+
+    def end(self, status, finish_reason, error=None):
+        """End the reply now (a stop, a timeout, nobody listening, shutdown, a lost lease)."""
+        with self.cond:
+            if self.ending is None and self.terminal is None:
+                self.ending = (status, finish_reason, error)
+        self.call.abort()
+
+    # --- the producer ---------------------------------------------------------
+
+    def _produce(self):
+        outcome = ("failed", None, INTERNAL_ERROR)
         try:
-            outcome = yield from self._relay()
-        except GeneratorExit:
-            # The server closed us: the client went away mid-stream.
-            outcome = ("incomplete", "client_gone", CLIENT_GONE)
-            raise
+            outcome = self._read()
+        except Exception:
+            log.exception("turn %s: producer failed", self.reply_id)
         finally:
             self.call.abort()
-            MONITOR.remove(self)
-            status, finish_reason, error = outcome
-            stored_error = error
-            if status == "incomplete" and not self.text:
-                # A reply with no text is failed, whatever ended it, and says why.
-                status, stored_error = "failed", error or STOPPED_BEFORE_TEXT
-            conn = db.connect(self.config["DATABASE"])
-            try:
-                self.message = store.when_not_busy(store.finish_turn, conn, self.session_id, self.reply_id,
-                                                   "".join(self.text), status, self._usage(), finish_reason,
-                                                   stored_error)
-            finally:
-                conn.close()
-        if error:
-            yield "error", {**error, "status": outcome_status(error), "message": self.message}
-        else:
-            yield "done", self.message
+            self._store(outcome)
 
-    def _relay(self):
-        """Move chunks from the reader to the caller; return (status, finish_reason, error)."""
-        cfg = self.config
-        started = time.monotonic()
-        last_text = None        # monotonic time of the latest piece of text
-        next_check = started + STOP_CHECK_SECONDS
+    def _read(self):
+        """Read the upstream to its end; return (status, finish_reason, error)."""
         try:
-            while True:
-                try:
-                    kind, value = self.queue.get(timeout=TICK)
-                except queue.Empty:
-                    kind, value = "idle", None
-                if kind == "error":
-                    raise value
-                if kind == "opened":
-                    yield "start", {"session_id": self.session_id, "user_message_id": self.user_message_id,
-                                    "message_id": self.reply_id}
-                elif kind == "chunk":
-                    self.usage = value.usage or self.usage
-                    self.finish_reason = value.finish_reason or self.finish_reason
-                    if value.text:
-                        self.text.append(value.text)
-                        self.pieces += 1
-                        last_text = time.monotonic()
-                        yield "delta", value.text
-                elif kind == "end":
-                    return "complete", self.finish_reason or "stop", None
-                else:
-                    yield "idle", None
-
-                now = time.monotonic()
-                if last_text is None and now - started > cfg["LLM_FIRST_TOKEN_TIMEOUT"]:
-                    raise UpstreamTimeout(
-                        f"The LLM server sent no text within {cfg['LLM_FIRST_TOKEN_TIMEOUT']:g} s.")
-                if last_text is not None and now - last_text > cfg["LLM_IDLE_TIMEOUT"]:
-                    raise UpstreamTimeout(
-                        f"The LLM server was silent for more than {cfg['LLM_IDLE_TIMEOUT']:g} s.")
-                if self.stop.is_set():
-                    return "incomplete", "stopped", None
-                if SHUTDOWN.is_set():
-                    return "incomplete", "shutdown", None
-                if now >= next_check:
-                    next_check = now + STOP_CHECK_SECONDS
-                    if self.client_gone():
-                        return "incomplete", "client_gone", CLIENT_GONE
+            self.call.open()
+            with self.cond:
+                self.started = True
+                self.cond.notify_all()
+            for chunk in self.call.chunks():
+                self.usage = chunk.usage or self.usage
+                self.finish_reason = chunk.finish_reason or self.finish_reason
+                if chunk.text:
+                    with self.cond:
+                        self.texts.append(chunk.text)
+                        self.ends.append(self.length + len(chunk.text))
+                        self.last_text = time.monotonic()
+                        self.cond.notify_all()
         except UpstreamError as e:
-            return "incomplete", None, {"code": e.code, "detail": e.detail}
+            return self.ending or ("incomplete", None, {"code": e.code, "detail": e.detail})
+        return self.ending or ("complete", self.finish_reason or "stop", None)
+
+    @property
+    def length(self):
+        return self.ends[-1] if self.ends else 0
+
+    def _store(self, outcome):
+        status, finish_reason, error = outcome
+        text = "".join(self.texts)
+        if status == "incomplete" and not text:
+            # A reply with no text is failed, whatever ended it, and says why.
+            status, error = "failed", error or STOPPED_BEFORE_TEXT
+        conn = db.connect(self.config["DATABASE"])
+        try:
+            message = store.when_not_busy(store.finish_turn, conn, self.session_id, self.reply_id, self.fence,
+                                          text, status, self._usage(), finish_reason, error)
+        except Exception:
+            log.exception("turn %s: the reply could not be stored", self.reply_id)
+            message = None
+        finally:
+            conn.close()
+            MONITOR.remove(self)
+        with self.cond:
+            self.terminal = terminal_event(message) if message else ("error", {**MESSAGE_GONE, "status": 404})
+            self.cond.notify_all()
 
     def _usage(self):
         """The upstream's usage when it gave one, else our estimate (marked as such)."""
-        if self.usage or not self.text:
+        if self.usage or not self.texts:
             return self.usage
         prompt = context.count_tokens(self.messages)
-        completion = self.pieces if self.call.stream else context.estimate_tokens("".join(self.text))
+        completion = len(self.texts) if self.call.stream else context.estimate_tokens("".join(self.texts))
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion, "estimated": True}
 
+    # --- subscribers ----------------------------------------------------------
 
-class Monitor:
-    """One thread per worker process looks after all its running turns: it
-    reads their stop requests (from any process, via the database) and saves
-    their heartbeat and partial text, one query for all of them at a time.
-    Per-turn queries would make hundreds of streams queue for SQLite's single
-    writer."""
+    def follow(self, after=0, client_gone=None, announce=False):
+        """This reply's events for one client, from position `after` on.
 
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.turns = {}
-        self.pid = None
+        `start` comes once the upstream accepted the request (or at once with
+        `announce`, for a client that re-attaches); a turn that failed before
+        that yields only its `error`. A client that leaves just stops
+        iterating: when it was the last one, the reply goes on for the grace
+        period (see Monitor), or to its end with on_disconnect "continue".
+        """
+        with self.cond:
+            self.subscribers += 1
+        try:
+            yield from self._events(after, client_gone or (lambda: False), announce)
+        finally:
+            with self.cond:
+                self.subscribers -= 1
+                last = self.subscribers == 0 and self.terminal is None
+                if last:
+                    self.left_at = time.monotonic()
+            if last and not self.keep_going and self.config["RESUME_GRACE"] <= 0:
+                self.end("incomplete", "client_gone", CLIENT_GONE)
 
-    def add(self, turn):
-        with self.lock:
-            self.turns[turn.reply_id] = turn
-            if self.pid != os.getpid():  # first turn of this (possibly forked) process
-                self.pid = os.getpid()
-                threading.Thread(target=self._run, daemon=True, name="turn-monitor").start()
-
-    def remove(self, turn):
-        with self.lock:
-            self.turns.pop(turn.reply_id, None)
-
-    def _run(self):
-        connections = {}   # a test process may serve several databases
-        next_heartbeat = time.monotonic() + store.HEARTBEAT_SECONDS
+    def _events(self, sent, client_gone, announced):
+        if announced:
+            yield "start", self.ids, None
+        next_check = time.monotonic() + CLIENT_CHECK_SECONDS
         while True:
-            time.sleep(STOP_CHECK_SECONDS)
-            heartbeat = time.monotonic() >= next_heartbeat
-            if heartbeat:
-                next_heartbeat = time.monotonic() + store.HEARTBEAT_SECONDS
-            with self.lock:
-                turns = list(self.turns.values())
-            by_database = {}
-            for turn in turns:
-                by_database.setdefault(turn.config["DATABASE"], []).append(turn)
-            for path, group in by_database.items():
-                try:
-                    conn = connections.get(path) or connections.setdefault(path, db.connect(path))
-                    stopped = store.stop_requests(conn, {t.session_id for t in group})
-                    for turn in group:
-                        if turn.session_id in stopped:
-                            turn.stop.set()
-                    if heartbeat:
-                        store.heartbeat(conn, [(t.session_id, t.reply_id, "".join(t.text)) for t in group])
-                except sqlite3.Error:
-                    log.exception("turn monitor: database error (will retry)")
+            with self.cond:
+                if self.length <= sent and self.terminal is None and (announced or not self.started):
+                    self.cond.wait(TICK)
+                started, terminal, length = self.started, self.terminal, self.length
+                first = bisect.bisect_right(self.ends, sent)
+                pieces = list(zip(self.ends[first:], self.texts[first:]))
+            if started and not announced:
+                announced = True
+                yield "start", self.ids, None
+            elif terminal and not announced:  # failed before the upstream accepted the request
+                yield terminal[0], terminal[1], 0
+                return
+            for end, text in pieces:
+                yield "delta", text[len(text) - (end - sent):] if end - sent < len(text) else text, end
+                sent = end
+            if terminal:
+                yield terminal[0], terminal[1], max(length, sent)
+                return
+            if not pieces:
+                yield "idle", None, None
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + CLIENT_CHECK_SECONDS
+                if client_gone():
+                    return
 
 
-MONITOR = Monitor()
+def follow_stored(config, reply, after=0, client_gone=None):
+    """Events of a reply produced by another process (or already over), read
+    from the database: the same events as Turn.follow(announce=True)."""
+    client_gone = client_gone or (lambda: False)
+    conn = db.connect(config["DATABASE"])
+    try:
+        yield "start", reply["ids"], None
+        sent, next_watch = after, 0.0
+        while True:
+            message, pieces, expired = store.read_reply(conn, reply["ids"]["message_id"], sent)
+            if message is None:
+                yield "error", {**MESSAGE_GONE, "status": 404}, sent
+                return
+            if message["status"] != "pending":
+                content = message["content"]
+                if len(content) > sent:
+                    yield "delta", content[sent:], len(content)
+                kind, value = terminal_event(message)
+                yield kind, value, max(len(content), sent)
+                return
+            for end, text in pieces:
+                yield "delta", text[len(text) - (end - sent):] if end - sent < len(text) else text, end
+                sent = end
+            if expired:  # its worker is gone: close it, and the next look finds it over
+                store.recover_reply(conn, message["session_id"], message["message_id"])
+                continue
+            now = time.monotonic()
+            if now >= next_watch:
+                next_watch = now + WATCH_SECONDS / 3
+                store.watch(conn, message["message_id"], WATCH_SECONDS)
+                if client_gone():
+                    return
+            if not pieces:
+                yield "idle", None, None
+            time.sleep(TICK)
+    finally:
+        conn.close()
+
+
+def terminal_event(message):
+    """A stored reply's last event: `error` for a reply an error cut short or
+    prevented, else `done` (also for one stopped or left by its client)."""
+    error = message["error"]
+    if message["status"] != "complete" and error and error["code"] not in ("stopped", "client_gone"):
+        return "error", {**error, "status": outcome_status(error), "message": message}
+    return "done", message
 
 
 def outcome_status(error):
     """The HTTP status that goes with an error code of a turn."""
     return {"upstream_unavailable": 503, "upstream_timeout": 504}.get(error["code"], 502)
+
+
+class Monitor:
+    """One thread per worker process looks after all its running turns: their
+    log, leases, stop requests, timeouts and listeners, one query for all of
+    them at a time (per-turn queries would make hundreds of streams queue for
+    SQLite's single writer). It is restarted if it ever dies, and one failure
+    (a busy database, say) only delays its work to the next round."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.turns = {}
+        self.thread = None
+        self.pid = None
+
+    def add(self, turn):
+        with self.lock:
+            self.turns[turn.reply_id] = turn
+            if self.thread is None or not self.thread.is_alive() or self.pid != os.getpid():
+                if self.thread is not None and self.pid == os.getpid():
+                    log.error("turn monitor: the thread had died; starting it again")
+                self.pid = os.getpid()
+                self.thread = threading.Thread(target=self._run, daemon=True, name="turn-monitor")
+                self.thread.start()
+
+    def remove(self, turn):
+        with self.lock:
+            self.turns.pop(turn.reply_id, None)
+
+    def get(self, reply_id):
+        with self.lock:
+            return self.turns.get(reply_id)
+
+    def for_session(self, session_id):
+        with self.lock:
+            return next((t for t in self.turns.values() if t.session_id == session_id), None)
+
+    def _run(self):
+        databases = {}   # path -> its connection and schedule (a test process may serve several)
+        while True:
+            time.sleep(LOG_SECONDS)
+            try:
+                self._round(databases)
+            except Exception:
+                log.exception("turn monitor: round failed (will retry)")
+                for state in databases.values():
+                    state["conn"].close()
+                databases.clear()
+
+    def _round(self, databases):
+        with self.lock:
+            turns = list(self.turns.values())
+        now = time.monotonic()
+        by_database = {}
+        for turn in turns:
+            self._check(turn, now)
+            by_database.setdefault(turn.config["DATABASE"], []).append(turn)
+        for path, group in by_database.items():
+            if path not in databases:
+                databases[path] = {"conn": db.connect(path), "config": group[0].config,
+                                   "renewed": 0.0, "swept": now, "pruned": 0.0}
+            self._save(databases[path], group, now)
+        for state in databases.values():
+            # Replies of dead workers elsewhere are closed within a lease, even
+            # if nobody asks for their session.
+            if now - state["swept"] >= SWEEP_SECONDS:
+                state["swept"] = now
+                store.recover_dead_generations(state["conn"])
+            if now - state["pruned"] >= PRUNE_SECONDS:
+                state["pruned"] = now
+                store.prune(state["conn"], state["config"]["IDEMPOTENCY_TTL"])
+
+    @staticmethod
+    def _save(state, group, now):
+        """Append the group's new text, renew its leases when due, read its stop requests."""
+        conn, lease = state["conn"], float(state["config"]["LEASE_SECONDS"])
+        renew = now - state["renewed"] >= lease / 3
+        pieces = []
+        for turn in group:
+            with turn.cond:
+                count = len(turn.texts)
+                if count > turn.logged:
+                    pieces.append((turn, count, turn.ends[-1], "".join(turn.texts[turn.logged:count])))
+        if pieces or renew:
+            lost = store.save_progress(conn, lease_owner(), lease,
+                                       [(t.reply_id, t.fence, end, text) for t, _, end, text in pieces],
+                                       [(t.reply_id, t.fence) for t in group] if renew else [])
+            if renew:
+                state["renewed"] = now
+            for turn, count, _, _ in pieces:
+                turn.logged = count
+            for turn in group:
+                if turn.reply_id in lost and turn.terminal is None:
+                    turn.lost = True
+                    turn.end("incomplete", None, store.WORKER_LOST)
+        signals = store.turn_signals(conn, [t.reply_id for t in group])
+        for turn in group:
+            stop, turn.watched_until = signals.get(turn.reply_id, (False, 0.0))
+            if stop:
+                turn.end("incomplete", "stopped")
+
+    @staticmethod
+    def _check(turn, now):
+        """End a turn that timed out, is being shut down, or has had no listener too long."""
+        cfg = turn.config
+        if turn.terminal is not None or turn.ending is not None:
+            return
+        if SHUTDOWN.is_set():
+            turn.end("incomplete", "shutdown")
+        elif turn.last_text is None and now - turn.began > cfg["LLM_FIRST_TOKEN_TIMEOUT"]:
+            turn.end("incomplete", None, {"code": "upstream_timeout", "detail":
+                     f"The LLM server sent no text within {cfg['LLM_FIRST_TOKEN_TIMEOUT']:g} s."})
+        elif turn.last_text is not None and now - turn.last_text > cfg["LLM_IDLE_TIMEOUT"]:
+            turn.end("incomplete", None, {"code": "upstream_timeout", "detail":
+                     f"The LLM server was silent for more than {cfg['LLM_IDLE_TIMEOUT']:g} s."})
+        elif (not turn.keep_going and turn.subscribers == 0 and turn.left_at is not None
+              and now - turn.left_at >= cfg["RESUME_GRACE"] and time.time() > turn.watched_until):
+            turn.end("incomplete", "client_gone", CLIENT_GONE)
+
+
+MONITOR = Monitor()
 
 
 def client_watcher(environ):
@@ -210,6 +397,7 @@ def client_watcher(environ):
     A WSGI app otherwise learns it only when a write fails, which during a long
     upstream silence can take a minute of wasted generation. gunicorn and
     werkzeug hand us the client socket; a zero-byte peek means it closed.
+    poll, not select: select fails for descriptors of 1024 and above.
     """
     sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
     if sock is None or isinstance(sock, ssl.SSLSocket):
@@ -217,8 +405,13 @@ def client_watcher(environ):
 
     def gone():
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+            if not poller.poll(0):
+                return False
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
         except (OSError, ValueError):
             return True
     return gone

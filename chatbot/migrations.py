@@ -109,3 +109,43 @@ def add_request_counts(conn):
             count INTEGER NOT NULL,
             PRIMARY KEY (owner, slot)
         ) WITHOUT ROWID""")
+
+
+@migration
+def resumable_turns(conn):
+    """Leases instead of pids, a durable log of running replies, idempotency keys.
+
+    A running reply is owned through a lease (lease_owner: host, pid and a boot
+    nonce; lease_expires: unix time, renewed by the owner's monitor; lease_fence:
+    raised at every take, so a stale owner's late writes match nothing).
+    reply_log holds the text of running replies as appended pieces (end_pos:
+    the reply's length in code points after the piece), so a save never
+    rewrites the whole text and a client can re-attach from any position.
+    """
+    conn.execute("ALTER TABLE sessions ADD COLUMN lease_owner TEXT")
+    conn.execute("ALTER TABLE sessions ADD COLUMN lease_expires REAL")
+    conn.execute("ALTER TABLE sessions ADD COLUMN lease_fence INTEGER NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE sessions ADD COLUMN watched_until REAL")  # a client attached elsewhere
+    conn.execute("UPDATE sessions SET lease_expires = heartbeat + 20, lease_owner = 'pid:' || generating_pid"
+                 " WHERE generating_message_id IS NOT NULL")
+    conn.execute("CREATE INDEX sessions_running ON sessions (lease_expires) WHERE generating_message_id IS NOT NULL")
+    # One running reply per session, whatever the engine's locking.
+    conn.execute("CREATE UNIQUE INDEX messages_one_pending ON messages (session_id) WHERE status = 'pending'")
+    conn.execute("""
+        CREATE TABLE reply_log (
+            message_id TEXT NOT NULL REFERENCES messages (message_id) ON DELETE CASCADE,
+            end_pos    INTEGER NOT NULL,
+            text       TEXT NOT NULL,
+            PRIMARY KEY (message_id, end_pos)
+        )""")
+    conn.execute("""
+        CREATE TABLE idempotency_keys (
+            owner       TEXT NOT NULL,
+            key         TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            session_id  TEXT NOT NULL,
+            message_id  TEXT NOT NULL,
+            created_at  REAL NOT NULL,
+            PRIMARY KEY (owner, key)
+        )""")
+    conn.execute("CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at)")

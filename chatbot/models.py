@@ -259,6 +259,8 @@ class ChatRequest(Strict):
                                        AtMost("MAX_NEW_TOKENS_LIMIT")]] = None
     temperature: Optional[Annotated[StrictFloat, Field(ge=0.0), AtMost("TEMPERATURE_LIMIT")]] = None
     do_sample: Optional[StrictBool] = None
+    # "continue": the reply is generated to its end whoever listens (its client may re-attach later).
+    on_disconnect: Literal["stop", "continue"] = "stop"
 
     @field_validator("message")
     @classmethod

@@ -56,6 +56,9 @@ OPERATIONS = {
     "chat.chat_stream": Op("One chat turn, streamed as Server-Sent Events",
                            (200, "sse", "Events start, delta..., then done or error"),
                            body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
+    "chat.resume": Op("Re-attach to a reply: the text after position ?after (or Last-Event-ID), then live,"
+                      " then its done or error", (200, "sse", "Events start, delta..., then done or error"),
+                      errors=(400, 404), tags=["chat"]),
     "chat.stop": Op("Stop the reply being generated", (202, Stopped, "The reply is being stopped"),
                     errors=(404, 409), tags=["chat"]),
     "ws.chat_ws": Op("Chat turns over a WebSocket: JSON frames chat/stop in, start/delta/done/error out",
@@ -68,15 +71,17 @@ OPERATIONS = {
 
 BODY_ERRORS = (400, 413, 415, 422)
 ERROR_TEXT = {
-    400: "The body is not valid JSON (invalid_json), a cursor is not one we gave (invalid_cursor), or a GET"
-         " of the WebSocket is no upgrade (bad_request)",
+    400: "The body is not valid JSON (invalid_json), a cursor is not one we gave (invalid_cursor), a position"
+         " is no non-negative integer (invalid_position), an Idempotency-Key is malformed"
+         " (invalid_idempotency_key), or a GET of the WebSocket is no upgrade (bad_request)",
     401: "No API key, or not a valid one (unauthorized)",
     404: "No such session for this key (session_not_found), or no such message in it (message_not_found)",
     409: "A reply is being generated (generation_in_progress), none is (nothing_to_stop), or there is"
          " none to regenerate (nothing_to_regenerate)",
     413: "The body is too large (payload_too_large)",
     415: "The body is not application/json (unsupported_media_type)",
-    422: "The body or query does not validate (validation_error), with the failing fields",
+    422: "The body or query does not validate (validation_error), with the failing fields, or an"
+         " Idempotency-Key was used for another request (idempotency_key_reused)",
     429: "Too many requests (rate_limited) or replies at once (too_many_streams) for this key",
     502: "The LLM server answered with an error (upstream_error)",
     503: "The LLM server cannot be reached (upstream_unavailable)",
@@ -107,7 +112,7 @@ def _event(name, model, numbered=False):
 
 # Each event of the stream (OpenAPI 3.1: the schema of an event-stream describes one event).
 STREAM_EVENT = {"oneOf": [_event("start", StreamStart), _event("delta", StreamDelta, numbered=True),
-                          _event("done", Message), _event("error", StreamError)]}
+                          _event("done", Message, numbered=True), _event("error", StreamError, numbered=True)]}
 
 
 def _path(rule):

@@ -243,6 +243,7 @@ class SSEStream:
         self.headers = self.response.headers
         self.raw = b""        # every byte of the body, as received
         self.cut = False      # whether the body broke off (no final chunk)
+        self.ids = []         # the `id:` of each event (None without one), in order
         self._buffer = b""
 
     def events(self):
@@ -260,6 +261,7 @@ class SSEStream:
             block, self._buffer = self._buffer.split(b"\n\n", 1)
             fields = dict(line.split(": ", 1) for line in block.decode().split("\n") if not line.startswith(":"))
             if "event" in fields:
+                self.ids.append(int(fields["id"]) if "id" in fields else None)
                 yield fields["event"], json.loads(fields["data"]), time.monotonic()
             else:
                 yield "comment", block.decode(), time.monotonic()

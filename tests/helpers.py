@@ -34,6 +34,14 @@ def stored_messages(db_path, session_id):
     return rows(db_path, "SELECT * FROM messages WHERE session_id = ? ORDER BY seq", session_id)
 
 
+def write_turn(conn, session_id, question, answer, status="complete", finish_reason="stop"):
+    """A whole turn written through the store, as the service writes one; the reply's id."""
+    from chatbot import store
+    turn = store.begin_turn(conn, session_id, question)
+    store.finish_turn(conn, session_id, turn["reply_id"], turn["fence"], answer, status, None, finish_reason)
+    return turn["reply_id"]
+
+
 def deltas(events):
     """The concatenated text of the `delta` events of an SSE stream."""
     return "".join(data["content"] for name, data, _ in events if name == "delta")

@@ -66,8 +66,9 @@ def server(live_server):
 
 
 def generating_pid(server, session_id):
-    [row] = rows(server.db_path, "SELECT generating_pid FROM sessions WHERE session_id = ?", session_id)
-    return row["generating_pid"]
+    """The pid of the worker holding the session's lease (owner ids are host:pid:nonce)."""
+    [row] = rows(server.db_path, "SELECT lease_owner FROM sessions WHERE session_id = ?", session_id)
+    return int(row["lease_owner"].split(":")[1])
 
 
 def worker_pids(server):

@@ -1,7 +1,8 @@
 """The context sent upstream: system prompt, earlier messages in order, the new
 message; trimmed oldest-first to the token budget. Checked on what the
 stand-in LLM server actually received."""
-from chatbot import context, db, store
+from chatbot import context, db
+from helpers import write_turn
 
 
 def sent(standin_log):
@@ -56,8 +57,7 @@ def a_long_session(app, session_id, turns):
     history = []
     for i in range(turns):
         question, answer = f"question {i:02d}".ljust(30, "."), f"answer {i:02d}".ljust(30, ".")
-        _, reply_id = store.begin_turn(conn, session_id, question)
-        store.finish_turn(conn, session_id, reply_id, answer, "complete", None, "stop")
+        write_turn(conn, session_id, question, answer)
         history += [question, answer]
     conn.close()
     return history

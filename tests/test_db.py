@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from chatbot import create_app, db, store
+from chatbot import create_app, db, generation, store
 from conftest import ROOT
-from helpers import in_thread, rows
+from helpers import in_thread, rows, write_turn
 
 TABLES = {"sessions", "messages", "migrations"}
 
@@ -79,8 +79,7 @@ def test_deleting_a_session_deletes_its_messages(app, client, session_id):
 def write_turns(app, session_id, count):
     conn = db.connect(app.config["DATABASE"])
     for i in range(count):
-        _, reply_id = store.begin_turn(conn, session_id, f"question {i}")
-        store.finish_turn(conn, session_id, reply_id, f"answer {i}", "complete", None, "stop")
+        write_turn(conn, session_id, f"question {i}", f"answer {i}")
     conn.close()
     return [text for i in range(count) for text in (f"question {i}", f"answer {i}")]
 
@@ -131,9 +130,9 @@ def test_a_reader_is_not_blocked_by_a_writer(app, client, session_id):
 
 @pytest.fixture
 def impatient_db(monkeypatch):
-    """A short busy_timeout and frequent heartbeats, so a busy database shows at once."""
+    """A short busy_timeout and frequent saves of running replies, so a busy database shows at once."""
     monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 100)
-    monkeypatch.setattr(store, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(generation, "LOG_SECONDS", 0.1)
 
 
 def hold_write_lock(path, seconds):

@@ -4,7 +4,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from chatbot import create_app, db, store
+from chatbot import create_app, db
+from helpers import write_turn
 
 MESSAGE_FIELDS = ("role", "content", "status", "created_at", "token_usage", "finish_reason", "error")
 
@@ -15,8 +16,7 @@ def conversation(app, client):
                                              "system_prompt": "Be brief."}).json["session_id"]
     client.post("/api/chat", json={"session_id": sid, "message": "서울 날씨 어때요? @@words=2"})
     conn = db.connect(app.config["DATABASE"])   # a reply that was stopped: incomplete
-    _, reply_id = store.begin_turn(conn, sid, "그리고 부산은?")
-    store.finish_turn(conn, sid, reply_id, "부산은 맑", "incomplete", None, "stopped")
+    write_turn(conn, sid, "그리고 부산은?", "부산은 맑", "incomplete", "stopped")
     conn.close()
     client.post("/api/chat", json={"session_id": sid, "message": "다시 @@status=500"})      # failed
     return sid

@@ -45,8 +45,10 @@ def test_a_stream_has_the_contracts_headers_events_and_ids(server):
     start, done = events[0][1], events[-1][1]
     user, reply = stored_messages(server.db_path, sid)
     assert start == {"session_id": sid, "user_message_id": user["message_id"], "message_id": reply["message_id"]}
-    for i in range(1, 6):
-        assert f"id: {i}\nevent: delta\n".encode() in s.raw
+    # Ids are positions: the reply's length so far in code points; done carries the final one.
+    text = done["content"]
+    pieces = [data["content"] for name, data, _ in events if name == "delta"]
+    assert s.ids == [None] + [len("".join(pieces[:i + 1])) for i in range(5)] + [len(text)]
     assert done["message_id"] == reply["message_id"] and done["status"] == "complete"
     assert done["finish_reason"] == "stop" and done["token_usage"]["completion_tokens"] == 5
     assert deltas(events) == done["content"] == reply["content"] == words(5)
@@ -135,7 +137,8 @@ def test_an_upstream_silent_too_long_mid_answer_times_out(server):
     assert reply["status"] == "incomplete" and reply["content"] == words(1)
 
 
-def test_a_client_that_leaves_mid_stream_closes_the_upstream_and_keeps_the_text(server, standin_log):
+def test_a_client_that_leaves_mid_stream_closes_the_upstream_and_keeps_the_text(start_server, standin_log):
+    server = start_server(CHATBOT_RESUME_GRACE="0")  # no grace: leaving stops at once, as before resumable streams
     sid = server.new_session()
     s = stream(server, sid, "@@words=100 @@delay=0.1")
     events = s.events()
@@ -151,7 +154,8 @@ def test_a_client_that_leaves_mid_stream_closes_the_upstream_and_keeps_the_text(
     assert requests.post(f"{server.url}/api/chat", json={"session_id": sid, "message": "@@words=1"}).status_code == 200
 
 
-def test_a_client_that_leaves_while_the_upstream_is_silent_is_noticed(server):
+def test_a_client_that_leaves_while_the_upstream_is_silent_is_noticed(start_server):
+    server = start_server(CHATBOT_RESUME_GRACE="0")
     sid = server.new_session()
     s = stream(server, sid, "@@first=30")
     assert next(s.events())[0] == "start"

@@ -6,14 +6,16 @@ import time
 
 import requests
 
-from chatbot import store
+from chatbot import generation
 
 from conftest import SSEStream, wait_for
 
 
 def marker(server, sid):
+    """The pid of the worker holding the session's lease (owner ids are host:pid:nonce)."""
     with sqlite3.connect(server.db_path) as db:
-        return db.execute("SELECT generating_pid FROM sessions WHERE session_id = ?", (sid,)).fetchone()[0]
+        owner = db.execute("SELECT lease_owner FROM sessions WHERE session_id = ?", (sid,)).fetchone()[0]
+    return int(owner.split(":")[1])
 
 
 def test_a_worker_killed_mid_answer_frees_the_session_and_keeps_its_text(server, standin_log):
@@ -22,7 +24,7 @@ def test_a_worker_killed_mid_answer_frees_the_session_and_keeps_its_text(server,
     events = stream.events()
     start = next(events)[1]
     deltas = [next(events)[1]["content"] for _ in range(5)]
-    time.sleep(store.HEARTBEAT_SECONDS + 0.5)  # past one heartbeat: the partial text is in the database
+    time.sleep(generation.LOG_SECONDS + 0.5)  # past one save: the partial text is in the database
     os.kill(marker(server, sid), signal.SIGKILL)
 
     # gunicorn replaces the worker; the session takes a new chat at once.

@@ -4,8 +4,9 @@ import sqlite3
 import threading
 import time
 import uuid
+import contextlib
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 # SQLite has one writer at a time. Threads of one process queue for it here, in
 # order, instead of in SQLite's busy handler, which polls with sleeps and lets a
@@ -14,11 +15,12 @@ _writer = threading.Lock()
 
 
 @contextmanager
-def transaction(db):
+def transaction(db, write=True):
     """BEGIN IMMEDIATE ... COMMIT: take the write lock up front, so a
-    read-then-write cannot be overtaken by another process."""
-    with _writer:
-        db.execute("BEGIN IMMEDIATE")
+    read-then-write cannot be overtaken by another process. With write=False,
+    a read transaction: several reads that see one consistent snapshot."""
+    with _writer if write else _no_lock:
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield
         except BaseException:
@@ -27,8 +29,15 @@ def transaction(db):
         db.execute("COMMIT")
 
 
+_no_lock = contextlib.nullcontext()
+
+
 def now_iso():
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def ago_iso(seconds):
+    return (datetime.now(timezone.utc) - timedelta(seconds=seconds)).isoformat(timespec="microseconds")
 
 
 def new_id():
