@@ -43,6 +43,7 @@ class Turn:
         self.text = []
         self.pieces = 0
         self.usage = None
+        self.completion_tokens = None   # the upstream's count of the reply alone (midm `total_tokens`)
         self.finish_reason = None
         self.message = None   # the stored reply, once the turn is over
         self.stop = threading.Event()  # set by a stop request (see Monitor) or a WebSocket stop frame
@@ -108,6 +109,8 @@ class Turn:
                                     "message_id": self.reply_id}
                 elif kind == "chunk":
                     self.usage = value.usage or self.usage
+                    if value.completion_tokens is not None:
+                        self.completion_tokens = value.completion_tokens
                     self.finish_reason = value.finish_reason or self.finish_reason
                     if value.text:
                         self.text.append(value.text)
@@ -138,10 +141,16 @@ class Turn:
             return "incomplete", None, {"code": e.code, "detail": e.detail}
 
     def _usage(self):
-        """The upstream's usage when it gave one, else our estimate (marked as such)."""
+        """The upstream's usage when it gave one, else our estimate, marked as such:
+        "estimated": true when every count is ours, "estimated_fields" naming ours
+        when the upstream counted the completion alone."""
         if self.usage or not self.text:
             return self.usage
         prompt = context.count_tokens(self.messages)
+        if self.completion_tokens is not None:
+            return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                    "total_tokens": prompt + self.completion_tokens,
+                    "estimated_fields": ["prompt_tokens", "total_tokens"]}
         completion = self.pieces if self.call.stream else context.estimate_tokens("".join(self.text))
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion, "estimated": True}

@@ -187,6 +187,9 @@ class TokenUsage(BaseModel):
     completion_tokens: Count
     total_tokens: Count
     estimated: Optional[StrictBool] = Field(default=None, description="true when counted by us, not the LLM server")
+    estimated_fields: Optional[list[Literal["prompt_tokens", "completion_tokens", "total_tokens"]]] = Field(
+        default=None, description="the counts made by us when the LLM server gave only some"
+                                  " (midm_LLM_serving counts the completion alone)")
 
 
 class ErrorInfo(Strict):
