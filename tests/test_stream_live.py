@@ -44,14 +44,17 @@ def test_a_stream_has_the_contracts_headers_events_and_ids(server):
     assert names(events) == ["start"] + ["delta"] * 5 + ["done"]
     start, done = events[0][1], events[-1][1]
     user, reply = stored_messages(server.db_path, sid)
-    assert start == {"session_id": sid, "user_message_id": user["message_id"], "message_id": reply["message_id"]}
+    assert start == {"type": "start", "session_id": sid, "user_message_id": user["message_id"],
+                     "message_id": reply["message_id"]}
     for i in range(1, 6):
         assert f"id: {i}\nevent: delta\n".encode() in s.raw
     assert done["message_id"] == reply["message_id"] and done["status"] == "complete"
     assert done["finish_reason"] == "stop" and done["token_usage"]["completion_tokens"] == 5
     assert deltas(events) == done["content"] == reply["content"] == words(5)
     listed = requests.get(f"{server.url}/api/sessions/{sid}/messages").json()["messages"]
-    assert listed[-1] == done
+    assert listed[-1] == {k: v for k, v in done.items() if k != "type"} and done["type"] == "complete"
+    assert s.raw.endswith(b"event: done\ndata: " + json.dumps(done, ensure_ascii=False).encode() +
+                          b"\n\ndata: [DONE]\n\n")
 
 
 @pytest.mark.parametrize("fmt", ["token", "content", "text", "delta", "response", "openai", "plain"])
