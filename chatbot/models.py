@@ -262,6 +262,18 @@ class ChatRequest(Strict):
                                        AtMost("MAX_NEW_TOKENS_LIMIT")]] = None
     temperature: Optional[Annotated[StrictFloat, Field(ge=0.0), AtMost("TEMPERATURE_LIMIT")]] = None
     do_sample: Optional[StrictBool] = None
+    # Sent by clients of the original backend, which offered retrieval (RAG): accepted, ignored.
+    use_rag: Annotated[StrictBool, Field(json_schema_extra={"const": False},
+                                         description="Only false: retrieval is not part of this service.")] = False
+    top_k: Optional[Annotated[StrictInt, Field(ge=0, description="Ignored (retrieval is not part of this"
+                                                                " service)."), BeforeValidator(_whole)]] = None
+
+    @field_validator("use_rag")
+    @classmethod
+    def no_retrieval(cls, value):
+        if value:
+            raise ValueError("retrieval (RAG) is not part of this service; send use_rag false or leave it out")
+        return value
 
     @field_validator("message")
     @classmethod
@@ -358,19 +370,31 @@ class Message(BaseModel):
     error: Optional[ErrorInfo]
 
 
+# Each event's `type` is the original backend's name for it, for clients
+# written for that backend (they read only the `data:` lines, up to `data: [DONE]`).
+
 class StreamStart(BaseModel):
+    type: Literal["start"]
     session_id: str
     user_message_id: str
     message_id: str
 
 
 class StreamDelta(BaseModel):
+    type: Literal["token"]
     content: str
 
 
+class StreamDone(Message):
+    """The stored reply, with the event's type."""
+    type: Literal["complete"]
+
+
 class StreamError(BaseModel):
+    type: Literal["error"]
     code: str
     detail: str
+    message: str = Field(description="the detail again, under the original backend's name")
     message_id: str
 
 
@@ -378,6 +402,7 @@ class MessageList(BaseModel):
     session_id: str
     messages: list[Message]
     has_more: bool
+    total_count: int = Field(description="all messages of the session, whatever the page")
 
 
 class Stopped(BaseModel):
@@ -389,6 +414,10 @@ class Health(BaseModel):
     database: dict[str, Any]
     llm: dict[str, Any]
     auth: Literal["required", "disabled"]
+    # The original backend's fields, for its clients.
+    llm_server_available: bool = Field(description="llm.ok")
+    database_connected: bool = Field(description="database.ok")
+    timestamp: datetime = Field(description="when this check ran")
 
 
 class FieldError(BaseModel):
