@@ -3,10 +3,10 @@
 It speaks the midm_LLM_serving protocol (/health, /chat, /chat/stream) and the
 OpenAI-compatible one (/v1/models, /v1/chat/completions). /chat/stream sends
 midm_LLM_serving's own typed events by default (format "serving": start, chunk,
-complete, [DONE]; error mid-answer, then a normal end), or, with @@format=X,
-one of the other shapes a server behind that protocol may use.  Every answer carries
-the MARKER, the model name "standin" and an ``X-Standin-LLM: true`` header, so it
-can never pass for a real model.
+complete, [DONE]; with @@error=N an error after N pieces, then a normal end),
+or, with @@format=X, one of the other shapes a server behind that protocol may
+use. Every answer carries the MARKER, the model name "standin" and an
+``X-Standin-LLM: true`` header, so it can never pass for a real model.
 
 Directives in the last user message make that one request misbehave on purpose:
 @@words=N @@delay=S @@first=S @@silence=S@K @@break=N @@error=N @@status=CODE[@text]

@@ -57,7 +57,7 @@ def test_a_stream_has_the_contracts_headers_events_and_ids(server):
                           b"\n\ndata: [DONE]\n\n")
 
 
-@pytest.mark.parametrize("fmt", ["token", "content", "text", "delta", "response", "openai", "plain"])
+@pytest.mark.parametrize("fmt", ["serving", "token", "content", "text", "delta", "response", "openai", "plain"])
 def test_every_upstream_form_reaches_the_client_piece_by_piece(server, fmt):
     events = list(stream(server, server.new_session(), f"@@words=4 @@format={fmt} @@split").events())
     pieces = [data["content"] for name, data, _ in events if name == "delta"]
