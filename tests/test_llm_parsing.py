@@ -123,7 +123,8 @@ def test_its_complete_carries_no_text_and_counts_the_completion():
 
 @pytest.mark.parametrize("data", [
     '{"type": "error", "message": "CUDA out of memory. 메모리 부족"}',
-    '{"type": "error", "message": "CUDA out of memory. \\uba54\\ubaa8\\ub9ac \\ubd80\\uc871"}',  # as json.dumps sends it
+    # ASCII-escaped, as that server's json.dumps sends it
+    '{"type": "error", "message": "CUDA out of memory. \\uba54\\ubaa8\\ub9ac \\ubd80\\uc871"}',
 ])
 def test_its_error_is_an_upstream_error_with_its_message(data):
     with pytest.raises(UpstreamError) as raised:

@@ -52,14 +52,15 @@ def read_as_the_original_client(url, body):
 
 def test_a_client_of_the_original_backend_gets_exactly_the_stored_reply(server):
     sid = server.new_session()
+    message = "안녕하세요, 자기소개 해 주세요. @@words=6"
     objects, shown, done, after = read_as_the_original_client(
-        server.url, {"session_id": sid, "message": "안녕하세요, 자기소개 해 주세요. @@words=6", **ORIGINAL_OPTIONS})
+        server.url, {"session_id": sid, "message": message, **ORIGINAL_OPTIONS})
     assert [o["type"] for o in objects] == ["start"] + ["token"] * 6 + ["complete"]
     assert done and after == ""   # [DONE] is the last line of the body
     user, reply = stored_messages(server.db_path, sid)
     assert shown == reply["content"] == words(6) and reply["status"] == "complete"
     assert objects[-1]["content"] == shown and objects[-1]["message_id"] == reply["message_id"]
-    assert user["content"] == "안녕하세요, 자기소개 해 주세요. @@words=6"
+    assert user["content"] == message
 
 
 def test_a_client_of_the_original_backend_sees_an_error_with_its_message(server):
