@@ -62,9 +62,22 @@ def sse_response(events, replayed=False):
                     mimetype="text/event-stream", headers=headers)
 
 
+# Clients written for the original backend read `data:` lines only and tell events
+# apart by a `type` in that backend's words; they stop at `data: [DONE]`. Our own
+# clients read the `event:` names and skip the [DONE] line.
+ORIGINAL_TYPES = {"start": "start", "delta": "token", "done": "complete", "error": "error"}
+TERMINAL = ("done", "error")
+
+
 def sse_event(event, data, event_id=None):
+    data = {"type": ORIGINAL_TYPES[event], **data}
+    if event == "error":
+        data["message"] = data["detail"]
     head = f"id: {event_id}\n" if event_id is not None else ""
-    return f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
+    frame = f"{head}event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    if event in TERMINAL:
+        frame += "data: [DONE]\n\n"
+    return frame.encode("utf-8")
 
 
 def sse(first, events, keepalive):

@@ -78,6 +78,7 @@ class Turn:
         self.watched_until = 0.0          # a client attached through another process
         self.began, self.last_text = time.monotonic(), None
         self.usage = self.finish_reason = None
+        self.completion_tokens = None   # the upstream's count of the reply alone (midm `total_tokens`)
 
     @property
     def ids(self):
@@ -117,6 +118,8 @@ class Turn:
                 self.cond.notify_all()
             for chunk in self.call.chunks():
                 self.usage = chunk.usage or self.usage
+                if chunk.completion_tokens is not None:
+                    self.completion_tokens = chunk.completion_tokens
                 self.finish_reason = chunk.finish_reason or self.finish_reason
                 if chunk.text:
                     with self.cond:
@@ -153,10 +156,16 @@ class Turn:
             self.cond.notify_all()
 
     def _usage(self):
-        """The upstream's usage when it gave one, else our estimate (marked as such)."""
+        """The upstream's usage when it gave one, else our estimate, marked as such:
+        "estimated": true when every count is ours, "estimated_fields" naming ours
+        when the upstream counted the completion alone."""
         if self.usage or not self.texts:
             return self.usage
         prompt = context.count_tokens(self.messages)
+        if self.completion_tokens is not None:
+            return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                    "total_tokens": prompt + self.completion_tokens,
+                    "estimated_fields": ["prompt_tokens", "total_tokens"]}
         completion = len(self.texts) if self.call.stream else context.estimate_tokens("".join(self.texts))
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion, "estimated": True}

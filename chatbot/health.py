@@ -4,6 +4,7 @@ import time
 
 from flask import Blueprint, current_app
 
+from . import store
 from .access import public
 from .db import get_db
 
@@ -22,6 +23,9 @@ def health():
     database["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
     llm = current_app.extensions["upstream"].health()
     auth = current_app.config["AUTH"]  # "disabled" here is the loud warning a monitor sees
+    body = {"database": database, "llm": llm, "auth": auth,
+            # the original backend's fields, for its clients
+            "llm_server_available": llm["ok"], "database_connected": database["ok"], "timestamp": store.now_iso()}
     if not database["ok"]:
-        return {"status": "unavailable", "database": database, "llm": llm, "auth": auth}, 503
-    return {"status": "ok" if llm["ok"] else "degraded", "database": database, "llm": llm, "auth": auth}
+        return {"status": "unavailable", **body}, 503
+    return {"status": "ok" if llm["ok"] else "degraded", **body}

@@ -46,6 +46,11 @@ class Chunk:
     text: str = ""
     usage: Optional[dict] = None
     finish_reason: Optional[str] = None
+    # The completion's token count when the upstream gives only that (midm_LLM_serving's
+    # `total_tokens`); the prompt's is then ours to estimate.
+    completion_tokens: Optional[int] = None
+    # midm_LLM_serving's event `type` (start, chunk, complete), when the event had one.
+    kind: Optional[str] = None
 
 
 # --- the two protocols -------------------------------------------------------
@@ -66,9 +71,13 @@ def token_usage(usage):
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (prompt, completion)):
+    if _count(prompt) is None or _count(completion) is None:
         return None
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _count(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _error_detail(error):
@@ -77,12 +86,35 @@ def _error_detail(error):
     return str(error)
 
 
+# midm_LLM_serving's own events: {"type": "start", "message"} (no text),
+# {"type": "chunk", "content", "accumulated", "token_count"},
+# {"type": "complete", "full_response", "total_tokens"}, and on a failure
+# mid-answer {"type": "error", "message"}, after which its stream ends normally.
+SERVING_TYPES = ("start", "chunk", "complete", "error")
+
+
+def _serving_event(obj):
+    kind = obj["type"]
+    if kind == "error":
+        raise UpstreamError(f"The LLM server reported an error: {_error_detail(obj.get('message') or obj)}")
+    if kind == "chunk":
+        # Only `content` is new text: `accumulated` repeats everything sent so far.
+        text = obj.get("content")
+        return Chunk(text if isinstance(text, str) else "", kind=kind)
+    if kind == "complete":
+        # `full_response` repeats the whole text: the chunks already carried it.
+        return Chunk("", token_usage(obj.get("usage")), obj.get("finish_reason") or "stop",
+                     _count(obj.get("total_tokens")), kind=kind)
+    return Chunk("", kind=kind)
+
+
 def parse_event(data):
     """One SSE `data:` payload (either protocol) -> a Chunk, or None for [DONE].
 
-    midm_LLM_serving's event shape is not fixed, so accept every common one: a
-    JSON object with the text under one of TEXT_FIELDS, an OpenAI chunk, a JSON
-    string, or plain text.
+    midm_LLM_serving's typed events are read as that server sends them (see
+    SERVING_TYPES); other servers behind the midm protocol differ, so accept
+    every common shape too: a JSON object with the text under one of
+    TEXT_FIELDS, an OpenAI chunk, a JSON string, or plain text.
     """
     if data.strip() == "[DONE]":
         return None
@@ -92,6 +124,8 @@ def parse_event(data):
         return Chunk(data)
     if not isinstance(obj, dict):
         return Chunk(obj if isinstance(obj, str) else data)
+    if obj.get("type") in SERVING_TYPES:
+        return _serving_event(obj)
     if obj.get("error"):
         raise UpstreamError(f"The LLM server reported an error: {_error_detail(obj['error'])}")
     if "choices" in obj:
@@ -318,16 +352,20 @@ class Call:
                     raise UpstreamError("The LLM server's answer is not JSON.") from None
                 yield parse_whole(self.upstream.protocol, body)
                 return
-            finish_reason = None
+            finish_reason, typed = None, False
             for data in sse_data(lambda: r.raw.read1(READ_SIZE)):
                 chunk = parse_event(data)
                 if chunk is None:
                     break
                 finish_reason = chunk.finish_reason or finish_reason
+                typed = typed or chunk.kind is not None
                 yield chunk
             if self.upstream.protocol == "openai" and finish_reason is None:
                 # e.g. llama.cpp ends an interrupted stream with [DONE] but no finish_reason
                 raise UpstreamCut("The LLM server ended the stream without a finish_reason.")
+            if typed and finish_reason is None:
+                # midm_LLM_serving always ends an answer with `complete` (or `error`)
+                raise UpstreamCut("The LLM server ended the stream without its complete event.")
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if self._aborted:
                 return

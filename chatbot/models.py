@@ -187,6 +187,9 @@ class TokenUsage(BaseModel):
     completion_tokens: Count
     total_tokens: Count
     estimated: Optional[StrictBool] = Field(default=None, description="true when counted by us, not the LLM server")
+    estimated_fields: Optional[list[Literal["prompt_tokens", "completion_tokens", "total_tokens"]]] = Field(
+        default=None, description="the counts made by us when the LLM server gave only some"
+                                  " (midm_LLM_serving counts the completion alone)")
 
 
 class ErrorInfo(Strict):
@@ -261,6 +264,18 @@ class ChatRequest(Strict):
     do_sample: Optional[StrictBool] = None
     # "continue": the reply is generated to its end whoever listens (its client may re-attach later).
     on_disconnect: Literal["stop", "continue"] = "stop"
+    # Sent by clients of the original backend, which offered retrieval (RAG): accepted, ignored.
+    use_rag: Annotated[StrictBool, Field(json_schema_extra={"const": False},
+                                         description="Only false: retrieval is not part of this service.")] = False
+    top_k: Optional[Annotated[StrictInt, Field(ge=0, description="Ignored (retrieval is not part of this"
+                                                                " service)."), BeforeValidator(_whole)]] = None
+
+    @field_validator("use_rag")
+    @classmethod
+    def no_retrieval(cls, value):
+        if value:
+            raise ValueError("retrieval (RAG) is not part of this service; send use_rag false or leave it out")
+        return value
 
     @field_validator("message")
     @classmethod
@@ -357,19 +372,31 @@ class Message(BaseModel):
     error: Optional[ErrorInfo]
 
 
+# Each event's `type` is the original backend's name for it, for clients
+# written for that backend (they read only the `data:` lines, up to `data: [DONE]`).
+
 class StreamStart(BaseModel):
+    type: Literal["start"]
     session_id: str
     user_message_id: str
     message_id: str
 
 
 class StreamDelta(BaseModel):
+    type: Literal["token"]
     content: str
 
 
+class StreamDone(Message):
+    """The stored reply, with the event's type."""
+    type: Literal["complete"]
+
+
 class StreamError(BaseModel):
+    type: Literal["error"]
     code: str
     detail: str
+    message: str = Field(description="the detail again, under the original backend's name")
     message_id: str
 
 
@@ -377,6 +404,7 @@ class MessageList(BaseModel):
     session_id: str
     messages: list[Message]
     has_more: bool
+    total_count: int = Field(description="all messages of the session, whatever the page")
 
 
 class Stopped(BaseModel):
@@ -388,6 +416,10 @@ class Health(BaseModel):
     database: dict[str, Any]
     llm: dict[str, Any]
     auth: Literal["required", "disabled"]
+    # The original backend's fields, for its clients.
+    llm_server_available: bool = Field(description="llm.ok")
+    database_connected: bool = Field(description="database.ok")
+    timestamp: datetime = Field(description="when this check ran")
 
 
 class FieldError(BaseModel):

@@ -14,7 +14,7 @@ from pydantic.json_schema import models_json_schema
 from .access import public
 from .models import (ChatRequest, Conversation, CreateSession, ExportQuery, Health, Message, MessageList,
                      MessagesQuery, PatchSession, Problem, Session, SessionList, SessionsQuery, Stopped,
-                     StreamDelta, StreamError, StreamStart)
+                     StreamDelta, StreamDone, StreamError, StreamStart)
 
 bp = Blueprint("openapi", __name__, url_prefix="/api")
 
@@ -54,7 +54,7 @@ OPERATIONS = {
     "chat.chat": Op("One chat turn, answered as a whole", (200, Message, "The assistant's reply"),
                     body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
     "chat.chat_stream": Op("One chat turn, streamed as Server-Sent Events",
-                           (200, "sse", "Events start, delta..., then done or error"),
+                           (200, "sse", "Events start, delta..., then done or error, then data: [DONE]"),
                            body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
     "chat.resume": Op("Re-attach to a reply: the text after position ?after (or Last-Event-ID), then live,"
                       " then its done or error", (200, "sse", "Events start, delta..., then done or error"),
@@ -93,7 +93,7 @@ HEADERS = {
 }
 REQUEST_MODELS = (CreateSession, PatchSession, ChatRequest, Conversation)
 RESPONSE_MODELS = (Session, SessionList, Message, MessageList, Stopped, Health, Problem, StreamStart,
-                   StreamDelta, StreamError)
+                   StreamDelta, StreamDone, StreamError)
 
 
 def _ref(model):
@@ -110,9 +110,12 @@ def _event(name, model, numbered=False):
     return {"type": "object", "required": ["event", "data"], "properties": properties}
 
 
-# Each event of the stream (OpenAPI 3.1: the schema of an event-stream describes one event).
+# Each event of the stream (OpenAPI 3.1: the schema of an event-stream describes one event),
+# and the last line after the terminal one.
 STREAM_EVENT = {"oneOf": [_event("start", StreamStart), _event("delta", StreamDelta, numbered=True),
-                          _event("done", Message, numbered=True), _event("error", StreamError, numbered=True)]}
+                          _event("done", StreamDone, numbered=True), _event("error", StreamError, numbered=True),
+                          {"type": "object", "required": ["data"], "properties": {"data": {"const": "[DONE]"}},
+                           "description": "After done or error: the end, for clients of the original backend"}]}
 
 
 def _path(rule):

@@ -84,17 +84,19 @@ def delete(session_id):
 
 @bp.get("/<session_id>/messages")
 def messages(session_id):
-    session_or_404(session_id)
+    session = session_or_404(session_id)
     query = parse_query(MessagesQuery)
     if query.limit is None and query.before is None:
-        return {"session_id": session_id, "messages": store.list_messages(get_db(), session_id),
-                "has_more": False}
+        messages = store.list_messages(get_db(), session_id)
+        return {"session_id": session_id, "messages": messages, "has_more": False, "total_count": len(messages)}
     page = store.page_messages(get_db(), session_id, query.limit or MESSAGES_PAGE, query.before)
     if page is None:
         raise ApiError(404, "message_not_found",
                        f"No message with id {query.before!r} in this session (for `before`).")
     messages, has_more = page
-    return {"session_id": session_id, "messages": messages, "has_more": has_more}
+    # total_count (the original backend's field) counts the whole session, not the page
+    return {"session_id": session_id, "messages": messages, "has_more": has_more,
+            "total_count": session["message_count"]}
 
 
 @bp.get("/<session_id>/export")

@@ -1,9 +1,12 @@
 """Stand-in LLM server: a fake model for instant local starts, tests and benchmarks.
 
 It speaks the midm_LLM_serving protocol (/health, /chat, /chat/stream) and the
-OpenAI-compatible one (/v1/models, /v1/chat/completions).  Every answer carries
-the MARKER, the model name "standin" and an ``X-Standin-LLM: true`` header, so it
-can never pass for a real model.
+OpenAI-compatible one (/v1/models, /v1/chat/completions). /chat/stream sends
+midm_LLM_serving's own typed events by default (format "serving": start, chunk,
+complete, [DONE]; with @@error=N an error after N pieces, then a normal end),
+or, with @@format=X, one of the other shapes a server behind that protocol may
+use. Every answer carries the MARKER, the model name "standin" and an
+``X-Standin-LLM: true`` header, so it can never pass for a real model.
 
 Directives in the last user message make that one request misbehave on purpose:
 @@words=N @@delay=S @@first=S @@headers=S @@silence=S@K @@break=N @@error=N
@@ -34,7 +37,7 @@ MARKER = "[stand-in LLM, not a real model] "
 _DIRECTIVE = re.compile(
     r"@@(words|delay|first|headers|silence|break|error|status|split|format|nodone|nofinish|nousage)(?:=(\S+))?"
 )
-_FORMATS = ("token", "content", "text", "delta", "response", "openai", "plain")
+_FORMATS = ("serving", "token", "content", "text", "delta", "response", "openai", "plain")
 _ERROR_TEXT = "stand-in error requested"
 
 
@@ -85,7 +88,7 @@ class _Plan:
     status: int | None = None
     status_text: bool = False
     split: bool = False
-    fmt: str = "token"
+    fmt: str = "serving"
     nodone: bool = False
     nofinish: bool = False
     nousage: bool = False
@@ -167,6 +170,27 @@ def _sse(obj) -> bytes:
 _DONE = b"data: [DONE]\n\n"
 
 
+def _serving_events(plan: _Plan, pieces: list[str]):
+    """midm_LLM_serving's own stream: (events, head, tail, error, at_once).
+
+    As that server does: `start` and `error` are ASCII-escaped JSON, the others
+    raw UTF-8; `token_count` counts the pieces; an error ends the body without
+    [DONE]. @@nousage leaves out `total_tokens`, @@nofinish the `complete` event.
+    """
+    events, text = [], ""
+    for n, piece in enumerate(pieces, 1):
+        text += piece
+        events.append(_sse({"type": "chunk", "content": piece, "accumulated": text, "token_count": n}))
+    complete = {"type": "complete", "full_response": text, "total_tokens": len(pieces)}
+    if plan.nousage:
+        del complete["total_tokens"]
+    # `start` goes out before the model is asked (so at once, whatever @@first says).
+    start = [f"data: {json.dumps({'type': 'start', 'message': 'Stream started'})}\n\n".encode()]
+    tail = ([] if plan.nofinish else [_sse(complete)]) + ([] if plan.nodone else [_DONE])
+    error = f"data: {json.dumps({'type': 'error', 'message': _ERROR_TEXT})}\n\n".encode()
+    return events, [], tail, error, start
+
+
 def _split_utf8(data: bytes) -> list[bytes]:
     """Cut right after the lead byte of every multi-byte character."""
     parts, start = [], 0
@@ -178,13 +202,14 @@ def _split_utf8(data: bytes) -> list[bytes]:
 
 
 def _stream(log, entry, sock, plan: _Plan, events: list[bytes], head: list[bytes], tail: list[bytes],
-            error: bytes):
+            error: bytes, at_once: list[bytes] = ()):
     sent = 0
     try:
         # werkzeug sends status line and headers on an empty write without writing
         # a chunk, so the client gets headers at once even when @@first keeps the
         # body silent.
         yield b""
+        yield from at_once  # sent before the model starts (midm_LLM_serving's `start`)
         time.sleep(plan.first)
         yield from head
         for i in range(len(events) + 1):
@@ -321,8 +346,9 @@ def create_standin_app(delay: float = 0.05, api_key: str | None = None) -> Flask
                  "total_tokens": prompt + len(pieces)}
         return entry, (body, plan, pieces, finish, usage), None
 
-    def sse_response(entry, plan, events, head, tail, error):
-        gen = _stream(log, entry, request.environ.get("werkzeug.socket"), plan, events, head, tail, error)
+    def sse_response(entry, plan, events, head, tail, error, at_once=()):
+        gen = _stream(log, entry, request.environ.get("werkzeug.socket"), plan, events, head, tail, error,
+                      at_once)
         return Response(gen, mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -355,6 +381,8 @@ def create_standin_app(delay: float = 0.05, api_key: str | None = None) -> Flask
         if failed:
             return failed
         _, plan, pieces, _, usage = job
+        if plan.fmt == "serving":
+            return sse_response(entry, plan, *_serving_events(plan, pieces))
         if plan.fmt == "plain":
             events = [f"data: {p}\n\n".encode() for p in pieces]
         elif plan.fmt == "openai":

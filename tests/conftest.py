@@ -244,6 +244,7 @@ class SSEStream:
         self.raw = b""        # every byte of the body, as received
         self.cut = False      # whether the body broke off (no final chunk)
         self.ids = []         # the `id:` of each event (None without one), in order
+        self.done_marker = False  # whether `data: [DONE]` came
         self._buffer = b""
 
     def events(self):
@@ -259,6 +260,9 @@ class SSEStream:
                 self.raw += data
                 self._buffer += data
             block, self._buffer = self._buffer.split(b"\n\n", 1)
+            if block == b"data: [DONE]":  # for clients of the original backend; ours skip it
+                self.done_marker = True
+                continue
             fields = dict(line.split(": ", 1) for line in block.decode().split("\n") if not line.startswith(":"))
             if "event" in fields:
                 self.ids.append(int(fields["id"]) if "id" in fields else None)

@@ -40,10 +40,23 @@ def test_a_chat_answers_the_stored_assistant_message(app, client, session_id, st
 
 
 def test_a_stream_stores_the_upstreams_usage(client, session_id, standin_log):
-    response = client.post("/api/chat/stream", json={"session_id": session_id, "message": "hi @@words=3"})
+    response = client.post("/api/chat/stream", json={"session_id": session_id,
+                                                     "message": "hi @@words=3 @@format=token"})
     done = sse_events(response)[-1]
     assert done[0] == "done"
     assert done[1]["token_usage"] == standin_usage(standin_log()[-1]["body"]["messages"], 3)
+
+
+def test_midm_llm_servings_total_tokens_is_the_completions_count(app, client, session_id, standin_log):
+    # midm_LLM_serving sends no usage, only `total_tokens` (the reply's) in its `complete` event
+    response = client.post("/api/chat/stream", json={"session_id": session_id, "message": "안녕 @@words=4"})
+    name, done = sse_events(response)[-1]
+    sent = standin_log()[-1]["body"]["messages"]
+    assert name == "done" and done["token_usage"] == {
+        "prompt_tokens": context.count_tokens(sent), "completion_tokens": 4,
+        "total_tokens": context.count_tokens(sent) + 4, "estimated_fields": ["prompt_tokens", "total_tokens"]}
+    stored = stored_messages(app.config["DATABASE"], session_id)[-1]
+    assert json.loads(stored["token_usage"]) == done["token_usage"]
 
 
 def test_without_the_upstreams_usage_an_estimate_is_stored_and_marked(app, client, session_id, standin_log):

@@ -36,13 +36,30 @@ def test_every_midm_stream_form(standin, fmt):
     assert texts(chunks) == WORDS3  # one chunk a piece, nothing merged or lost
 
 
-@pytest.mark.parametrize("protocol", ["midm", "openai"])
-def test_usage_and_finish_reason(standin, protocol):
-    chunks = list(call(upstream(standin, protocol), "@@words=3").chunks())
+@pytest.mark.parametrize("protocol, fmt", [("midm", "token"), ("openai", "token")])
+def test_usage_and_finish_reason(standin, protocol, fmt):
+    chunks = list(call(upstream(standin, protocol), f"@@words=3 @@format={fmt}").chunks())
     usage = [c.usage for c in chunks if c.usage]
     assert texts(chunks) == WORDS3 and usage and usage[-1]["completion_tokens"] == 3
     if protocol == "openai":
         assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
+
+
+def test_midm_llm_servings_own_events(standin):
+    chunks = list(call(upstream(standin), "안녕 @@words=3").chunks())
+    assert texts(chunks) == WORDS3   # `accumulated` is never taken as text
+    assert [c.kind for c in chunks] == ["start", "chunk", "chunk", "chunk", "complete"]
+    # its `total_tokens` counts the completion alone; it sends no usage
+    assert [(c.completion_tokens, c.finish_reason, c.usage) for c in chunks if c.kind == "complete"] == [
+        (3, "stop", None)]
+
+
+def test_midm_llm_servings_stream_without_its_complete_event_is_cut(standin):
+    received = []
+    with pytest.raises(UpstreamCut):
+        for chunk in call(upstream(standin), "@@words=3 @@nofinish").chunks():
+            received.append(chunk.text)
+    assert "".join(received) == "".join(WORDS3)
 
 
 def test_a_midm_stream_without_done_is_complete(standin):
@@ -53,13 +70,14 @@ def test_korean_split_inside_characters_arrives_whole(standin):
     assert texts(call(upstream(standin), "@@words=3 @@split").chunks()) == WORDS3
 
 
-@pytest.mark.parametrize("protocol", ["midm", "openai"])
-def test_an_error_event_is_an_upstream_error(standin, protocol):
+@pytest.mark.parametrize("protocol, fmt", [("midm", "serving"), ("midm", "token"), ("openai", "token")])
+def test_an_error_event_is_an_upstream_error(standin, protocol, fmt):
     received = []
     with pytest.raises(UpstreamError) as raised:
-        for chunk in call(upstream(standin, protocol), "@@words=5 @@error=2").chunks():
+        for chunk in call(upstream(standin, protocol), f"@@words=5 @@error=2 @@format={fmt}").chunks():
             received.append(chunk.text)
     assert type(raised.value) is UpstreamError and "".join(received).endswith("단어2 ")
+    assert raised.value.code == "upstream_error" and "stand-in error requested" in raised.value.detail
 
 
 @pytest.mark.parametrize("protocol", ["midm", "openai"])
@@ -101,7 +119,7 @@ def test_a_refused_connection_is_retried(standin):
 
 
 def test_text_is_handed_on_while_the_upstream_is_still_generating(standin, standin_log):
-    chunks = call(upstream(standin), "@@words=6 @@delay=0.3").chunks()
+    chunks = (c for c in call(upstream(standin), "@@words=6 @@delay=0.3").chunks() if c.text)
     assert next(chunks).text == WORDS3[0]
     [entry] = standin_log()
     assert entry["state"] == "running" and entry["pieces_sent"] < 6
@@ -112,14 +130,14 @@ def test_abort_wakes_a_read_blocked_on_a_silent_upstream(standin, standin_log):
     c = call(upstream(standin), "@@first=30")
     threading.Timer(0.3, c.abort).start()
     started = time.monotonic()
-    assert list(c.chunks()) == []  # an aborted call ends quietly
+    assert texts(c.chunks()) == []  # an aborted call ends quietly
     assert time.monotonic() - started < 5
 
 
 def test_abort_closes_the_upstream_connection(standin, standin_log):
     c = call(upstream(standin), "@@words=100 @@delay=0.05")
     chunks = c.chunks()
-    next(chunks)
+    next(chunk for chunk in chunks if chunk.text)
     c.abort()
     assert list(chunks) == []
     assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)
@@ -136,3 +154,9 @@ def test_abort_closes_a_request_still_waiting_for_the_answers_headers(standin, s
     assert time.monotonic() - started < 10
     # The upstream saw the connection close: the request left its queue.
     assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)
+def test_midm_llm_servings_500_with_detail_is_an_upstream_error_with_its_words(standin):
+    # its /chat answers a failure as HTTP 500 {"detail": "<why>"}
+    with pytest.raises(UpstreamError) as raised:
+        call(upstream(standin), "@@error=0", stream=False)
+    assert type(raised.value) is UpstreamError
+    assert raised.value.detail == "The LLM server answered 500: stand-in error requested"

@@ -99,3 +99,39 @@ def test_whole_answers():
     for bad in ([], {"no": "text"}, {"error": "boom"}):
         with pytest.raises(UpstreamError):
             parse_whole("midm", bad)
+
+
+# midm_LLM_serving's own events, as its /chat/stream sends them
+
+def test_its_start_carries_no_text():
+    assert parse_event('{"type": "start", "message": "Stream started"}') == Chunk("", kind="start")
+
+
+def test_its_chunk_gives_content_and_never_accumulated():
+    event = {"type": "chunk", "content": "세요", "accumulated": "안녕하세요", "token_count": 2}
+    assert parse_event(json.dumps(event, ensure_ascii=False)) == Chunk("세요", kind="chunk")
+
+
+def test_its_complete_carries_no_text_and_counts_the_completion():
+    event = {"type": "complete", "full_response": "안녕하세요", "total_tokens": 2}
+    assert parse_event(json.dumps(event, ensure_ascii=False)) == Chunk(
+        "", None, "stop", completion_tokens=2, kind="complete")
+    # a count that is no count is left out (we estimate instead)
+    for bad in ("2", -1, True, None):
+        assert parse_event(json.dumps({**event, "total_tokens": bad})).completion_tokens is None
+
+
+@pytest.mark.parametrize("data", [
+    '{"type": "error", "message": "CUDA out of memory. 메모리 부족"}',
+    # ASCII-escaped, as that server's json.dumps sends it
+    '{"type": "error", "message": "CUDA out of memory. \\uba54\\ubaa8\\ub9ac \\ubd80\\uc871"}',
+])
+def test_its_error_is_an_upstream_error_with_its_message(data):
+    with pytest.raises(UpstreamError) as raised:
+        parse_event(data)
+    assert raised.value.code == "upstream_error" and raised.value.status == 502
+    assert raised.value.detail == "The LLM server reported an error: CUDA out of memory. 메모리 부족"
+
+
+def test_a_type_it_does_not_send_is_read_as_any_other_object():
+    assert parse_event('{"type": "token", "content": "hi"}') == Chunk("hi")

@@ -70,12 +70,41 @@ def test_chat_has_marker_history_and_usage(client):
     assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
 
 
-def test_chat_stream_matches_chat(client):
+def test_chat_stream_speaks_midm_llm_servings_typed_events(client):
     body = _body("안녕하세요 stand-in")
     whole = client.post("/chat", json=body).get_json()
     resp = client.post("/chat/stream", json=body)
     assert resp.mimetype == "text/event-stream"
     events = _events(resp.get_data())
+    assert events[0] == '{"type": "start", "message": "Stream started"}' and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[1:-2]]
+    complete = json.loads(events[-2])
+    assert all(c["type"] == "chunk" for c in chunks)
+    assert [c["token_count"] for c in chunks] == list(range(1, len(chunks) + 1))
+    assert [c["accumulated"] for c in chunks] == ["".join(c["content"] for c in chunks[:n])
+                                                  for n in range(1, len(chunks) + 1)]
+    assert complete == {"type": "complete", "full_response": whole["response"],
+                        "total_tokens": whole["usage"]["completion_tokens"]}
+    assert chunks[-1]["accumulated"] == whole["response"]
+
+
+def test_a_typed_error_mid_answer_then_a_normal_end(client):
+    events = _events(client.post("/chat/stream", json=_body("@@words=5 @@error=2")).get_data())
+    assert [json.loads(e)["type"] for e in events] == ["start", "chunk", "chunk", "error"]
+    assert json.loads(events[-1]) == {"type": "error", "message": "stand-in error requested"}
+
+
+def test_nousage_and_nofinish_in_the_typed_events(client):
+    events = _events(client.post("/chat/stream", json=_body("@@words=2 @@nousage")).get_data())
+    assert json.loads(events[-2]) == {"type": "complete", "full_response": MARKER + "단어1 단어2 "}
+    events = _events(client.post("/chat/stream", json=_body("@@words=2 @@nofinish")).get_data())
+    assert [json.loads(e)["type"] for e in events[:-1]] == ["start", "chunk", "chunk"] and events[-1] == "[DONE]"
+
+
+def test_token_format_matches_chat(client):
+    body = _body("안녕하세요 stand-in @@format=token")
+    whole = client.post("/chat", json=body).get_json()
+    events = _events(client.post("/chat/stream", json=body).get_data())
     assert events[-1] == "[DONE]"
     usage = json.loads(events[-2])["usage"]
     tokens = [json.loads(e)["token"] for e in events[:-2]]
@@ -145,7 +174,7 @@ def test_break_cuts_connection_without_terminator(server):
     sock.close()
     head, _, body = received.partition(b"\r\n\r\n")
     assert b"Transfer-Encoding: chunked" in head
-    assert body.count(b"data: ") == 2 and b"[DONE]" not in body
+    assert body.count(b'"type": "chunk"') == 2 and b"[DONE]" not in body
     assert not body.endswith(b"0\r\n\r\n")
     entry = _wait_for_state(app.test_client(), "broken")
     assert entry["pieces_sent"] == 2

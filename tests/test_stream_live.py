@@ -44,19 +44,21 @@ def test_a_stream_has_the_contracts_headers_events_and_ids(server):
     assert names(events) == ["start"] + ["delta"] * 5 + ["done"]
     start, done = events[0][1], events[-1][1]
     user, reply = stored_messages(server.db_path, sid)
-    assert start == {"session_id": sid, "user_message_id": user["message_id"], "message_id": reply["message_id"]}
+    assert start == {"type": "start", "session_id": sid, "user_message_id": user["message_id"],
+                     "message_id": reply["message_id"]}
     # Ids are positions: the reply's length so far in code points; done carries the final one.
-    text = done["content"]
     pieces = [data["content"] for name, data, _ in events if name == "delta"]
-    assert s.ids == [None] + [len("".join(pieces[:i + 1])) for i in range(5)] + [len(text)]
+    assert s.ids == [None] + [len("".join(pieces[:i + 1])) for i in range(5)] + [len(done["content"])]
     assert done["message_id"] == reply["message_id"] and done["status"] == "complete"
     assert done["finish_reason"] == "stop" and done["token_usage"]["completion_tokens"] == 5
     assert deltas(events) == done["content"] == reply["content"] == words(5)
     listed = requests.get(f"{server.url}/api/sessions/{sid}/messages").json()["messages"]
-    assert listed[-1] == done
+    assert listed[-1] == {k: v for k, v in done.items() if k != "type"} and done["type"] == "complete"
+    assert s.raw.endswith(b"event: done\ndata: " + json.dumps(done, ensure_ascii=False).encode() +
+                          b"\n\ndata: [DONE]\n\n")
 
 
-@pytest.mark.parametrize("fmt", ["token", "content", "text", "delta", "response", "openai", "plain"])
+@pytest.mark.parametrize("fmt", ["serving", "token", "content", "text", "delta", "response", "openai", "plain"])
 def test_every_upstream_form_reaches_the_client_piece_by_piece(server, fmt):
     events = list(stream(server, server.new_session(), f"@@words=4 @@format={fmt} @@split").events())
     pieces = [data["content"] for name, data, _ in events if name == "delta"]
