@@ -151,8 +151,14 @@ class Turn:
         finally:
             conn.close()
             MONITOR.remove(self)
+        if message is None:
+            terminal = "error", {**MESSAGE_GONE, "status": 404}
+        elif message["status"] == "pending":  # our lease was taken: the new owner closes the reply
+            terminal = "error", {**store.WORKER_LOST, "status": 502, "message": message}
+        else:
+            terminal = terminal_event(message)
         with self.cond:
-            self.terminal = terminal_event(message) if message else ("error", {**MESSAGE_GONE, "status": 404})
+            self.terminal = terminal
             self.cond.notify_all()
 
     def _usage(self):

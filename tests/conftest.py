@@ -232,11 +232,15 @@ class SSEStream:
     """A streaming POST read the way a client reads it: raw bytes off the socket
     as they arrive, split into events. Each event is (name, data, arrival time)."""
 
-    def __init__(self, base_url, path, body, headers=None):
+    def __init__(self, base_url, path, body=None, headers=None):
+        """POST `body` as JSON, or GET `path` (a re-attach) when there is no body."""
         parts = urlsplit(base_url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-        self.conn.request("POST", path, body=json.dumps(body).encode(),
-                          headers={"Content-Type": "application/json", **(headers or {})})
+        if body is None:
+            self.conn.request("GET", path, headers=headers or {})
+        else:
+            self.conn.request("POST", path, body=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json", **(headers or {})})
         self.sock = self.conn.sock  # getresponse() drops it when the answer will close the connection
         self.response = self.conn.getresponse()
         self.status = self.response.status
