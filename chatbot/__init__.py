@@ -40,6 +40,7 @@ DEFAULTS = {
     "MAX_STREAMS_PER_KEY": 64,           # replies being generated at once per key; 0: no limit
     "CORS_ORIGINS": "",                  # comma-separated origins allowed from browsers, or "*"; "": CORS off
     "LOG_CONTENT": False,                # put users' messages in the request log
+    "WEB_UI": True,                      # the chat page at / (chatbot/web.py)
 }
 
 
@@ -65,6 +66,9 @@ def create_app(test_config=None):
     for module in (sessions, chat, health, ws, openapi):
         app.register_blueprint(module.bp)
     ws.sock.init_app(app)
+    if str(app.config["WEB_UI"]).lower() not in ("false", "0", "no", "off", ""):
+        from . import web
+        app.register_blueprint(web.bp)
 
     with app.app_context():
         db.init_db(app.config["DATABASE"])  # idempotent: creates what is missing
