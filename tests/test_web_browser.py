@@ -218,15 +218,15 @@ def test_regenerate_replaces_the_last_answer(page, standin_log):
 
 
 def test_rename_and_delete_a_session(page):
-    from selenium.webdriver.common.keys import Keys
     page.open()
     page.send("이름을 바꿀 대화 @@words=2")
     page.until(lambda: page.idle() and page.sessions(), message="the new session")
     session_id = page.session_id()
     page.find("#rename").click()
-    field = page.find("#rename-input")
-    field.send_keys(Keys.CONTROL, "a")
-    field.send_keys("새 이름 ✓", Keys.ENTER)
+    prompt = page.driver.switch_to.alert
+    assert prompt.text == "A new title for this conversation:"
+    prompt.send_keys("새 이름 ✓")
+    prompt.accept()
     page.until(lambda: page.sessions() == ["새 이름 ✓"], message="the new title in the list")
     assert page.find("#title").text == "새 이름 ✓"
     assert page.api("GET", f"/api/sessions/{session_id}").json()["title"] == "새 이름 ✓"

@@ -86,30 +86,29 @@ async function readEvents(response, onEvent) {
 
 // --- showing messages --------------------------------------------------------
 
+// A new element with a class and its text (always as text, never as HTML).
+function make(tag, className, text = "") {
+  const el = document.createElement(tag);
+  el.className = className;
+  el.textContent = text;
+  return el;
+}
+
 function addMessage(role, text, messageId) {
-  const el = document.createElement("div");
-  el.className = "message " + role;
+  const el = make("div", "message " + role);
   if (messageId) el.dataset.messageId = messageId;
-  const body = document.createElement("div");
-  body.className = "body";
-  const note = document.createElement("div");
-  note.className = "note";
-  el.append(body, note);
+  el.append(make("div", "body"), make("div", "note"));
   $("messages").append(el);
   setText(el, text);
   return el;
 }
 
-// The text as text: fenced code blocks (```) in a <pre>, the rest keeping its line breaks.
+// Fenced code blocks (```) go in a <pre>; the rest keeps its line breaks (CSS pre-wrap).
 function setText(el, text) {
   const stick = nearBottom();
   const parts = text.split(/^```[^\n]*\n?/m);
-  el.querySelector(".body").replaceChildren(...parts.flatMap((part, i) => {
-    if (!part) return [];
-    const node = document.createElement(i % 2 ? "pre" : "p");
-    node.textContent = part;
-    return [node];
-  }));
+  el.querySelector(".body").replaceChildren(
+    ...parts.flatMap((part, i) => (part ? [make(i % 2 ? "pre" : "p", "", part)] : [])));
   if (stick) scrollDown();
 }
 
@@ -160,14 +159,11 @@ function updateButtons() {
 async function loadSessions() {
   const {sessions} = await call("GET", "/api/sessions?limit=100");
   $("sessions").replaceChildren(...sessions.map((s) => {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.textContent = s.title || "Untitled";
+    const button = make("button", s.session_id === state.sessionId ? "active" : "", s.title || "Untitled");
     button.dataset.sessionId = s.session_id;
-    button.classList.toggle("active", s.session_id === state.sessionId);
     button.addEventListener("click", () => { notice(""); openSession(s.session_id).catch(showError); });
     if (s.session_id === state.sessionId) $("title").textContent = button.textContent;
-    const item = document.createElement("li");
+    const item = make("li", "");
     item.append(button);
     return item;
   }));
@@ -291,14 +287,13 @@ async function follow(response, live, controller, tries = 0) {
     live.el.classList.remove("live");
     updateButtons();
   }
-  if (ended) {
-    forget(live);
-  } else if (state.sessionId === live.sessionId && tries < 3) {
-    // The connection broke: pick the reply up again where it was.
-    live.el.remove();
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-    if (state.sessionId === live.sessionId && !state.live) await attach(live, tries + 1);
-  }
+  if (ended) return forget(live);
+  if (state.sessionId !== live.sessionId) return;
+  if (tries >= 3) return setNote(live.el, "The connection was lost; reload the page to see the rest.", "error");
+  // The connection broke: pick the reply up again where it was.
+  live.el.remove();
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  if (state.sessionId === live.sessionId && !state.live) await attach(live, tries + 1);
 }
 
 // --- the API key ---------------------------------------------------------------
@@ -368,28 +363,11 @@ $("regenerate").addEventListener("click", () => {
 
 $("new-session").addEventListener("click", () => { notice(""); newChat(); });
 
-$("rename").addEventListener("click", () => {
-  $("rename-input").value = $("title").textContent;
-  $("title").hidden = $("rename").hidden = true;
-  $("rename-form").hidden = false;
-  $("rename-input").focus();
-});
-
-function endRename() {
-  $("title").hidden = $("rename").hidden = false;
-  $("rename-form").hidden = true;
-}
-
-$("rename-input").addEventListener("blur", endRename);
-$("rename-input").addEventListener("keydown", (event) => { if (event.key === "Escape") endRename(); });
-$("rename-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const title = $("rename-input").value.trim();
-  endRename();
+$("rename").addEventListener("click", async () => {
+  const title = (prompt("A new title for this conversation:", $("title").textContent) || "").trim();
   if (!title) return;
   try {
-    const session = await call("PATCH", `/api/sessions/${state.sessionId}`, {title});
-    $("title").textContent = session.title;
+    $("title").textContent = (await call("PATCH", `/api/sessions/${state.sessionId}`, {title})).title;
     await loadSessions();
   } catch (e) { showError(e); }
 });
