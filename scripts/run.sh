@@ -105,6 +105,7 @@ configured)
 esac
 
 say "Preparing the database"
+page_key=
 "$bin/flask" --app chatbot init-db
 
 # An API key for the README's examples: made once, kept in instance/local-api-key
@@ -120,7 +121,11 @@ else
         key=$("$bin/flask" --app chatbot create-api-key local --replace)
     fi
     if [ -n "$key" ]; then (umask 077; printf '%s\n' "$key" > "$key_file"); fi
+    page_key=$(cat "$key_file")
     say "API key 'local' in $key_file: send it as -H \"Authorization: Bearer \$(cat $key_file)\""
+fi
+if [ "${CHATBOT_WEB_UI:-true}" != false ]; then
+    say "Chat page: http://${CHATBOT_BIND:-127.0.0.1:5000}/${page_key:+ (paste the key $page_key)}"
 fi
 
 say "Chatbot backend on http://${CHATBOT_BIND:-127.0.0.1:5000} (LLM: ${CHATBOT_LLM_URL:-see .env}). Ctrl-C stops everything."
