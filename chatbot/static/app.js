@@ -45,6 +45,7 @@ async function api(method, path, body, signal) {
   throw error;
 }
 
+// The JSON of an answer (null for 204 No Content).
 async function call(method, path, body) {
   const response = await api(method, path, body);
   return response.status === 204 ? null : response.json();
@@ -128,14 +129,8 @@ function noteFor(m) {
 }
 
 // Keep the newest text in view, unless the person scrolled up to read.
-function nearBottom() {
-  const m = $("messages");
-  return m.scrollHeight - m.scrollTop - m.clientHeight < 40;
-}
-
-function scrollDown() {
-  $("messages").scrollTop = $("messages").scrollHeight;
-}
+const nearBottom = (m = $("messages")) => m.scrollHeight - m.scrollTop - m.clientHeight < 40;
+const scrollDown = (m = $("messages")) => { m.scrollTop = m.scrollHeight; };
 
 function notice(text) {
   $("notice").textContent = text;
@@ -143,7 +138,7 @@ function notice(text) {
 }
 
 function showError(e) {
-  if (e.name !== "AbortError" && e.status !== 401) notice(e.message);
+  if (e.name !== "AbortError" && e.status !== 401) notice(e.message);  // 401: the key dialog says it
 }
 
 function updateButtons() {
@@ -204,17 +199,11 @@ function newChat() {
 
 // The running reply of a session, kept in sessionStorage so that a reloaded
 // page shows the text it had and asks only for what came after.
-function remembered(sessionId) {
-  return JSON.parse(sessionStorage.getItem("chatbot.running." + sessionId) || "null");
-}
-
-function remember(live) {
-  const {sessionId, messageId, position, text} = live;
-  sessionStorage.setItem("chatbot.running." + sessionId, JSON.stringify({sessionId, messageId, position, text}));
-}
-
-function forget(live) {
-  sessionStorage.removeItem("chatbot.running." + live.sessionId);
+const runningKey = (sessionId) => "chatbot.running." + sessionId;
+const remembered = (sessionId) => JSON.parse(sessionStorage.getItem(runningKey(sessionId)) || "null");
+const forget = (live) => sessionStorage.removeItem(runningKey(live.sessionId));
+function remember({sessionId, messageId, position, text}) {
+  sessionStorage.setItem(runningKey(sessionId), JSON.stringify({sessionId, messageId, position, text}));
 }
 
 // Stop showing a reply live (another session is opened); the reply itself goes on.
