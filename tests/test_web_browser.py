@@ -355,3 +355,21 @@ def test_the_page_carries_its_content_security_policy(live_server):
     assert response.status_code == 200
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
     assert "connect-src 'self'" in response.headers["Content-Security-Policy"]
+
+
+def test_the_event_reader_skips_keep_alives_done_lines_and_keeps_split_characters_whole(page):
+    """The page's own SSE parser (readEvents in app.js), fed one byte at a time, so
+    that every Korean character arrives split; CRLF line ends work too."""
+    page.open()
+    stream = (': keep-alive\n\nevent: start\ndata: {"message_id": "m"}\n\n'
+              'id: 2\nevent: delta\ndata: {"content": "안녕", "type": "token"}\n\n'
+              'event: surprise\ndata: {"x": 1}\n\ndata: {"type": "complete"}\n\n'
+              'id: 2\r\nevent: done\r\ndata: {"status": "complete"}\r\n\r\ndata: [DONE]\n\n')
+    seen = page.driver.execute_async_script("""
+        const [text, callback] = arguments, bytes = new TextEncoder().encode(text), seen = [];
+        const body = new ReadableStream({start(c) { for (const b of bytes) c.enqueue(new Uint8Array([b])); c.close(); }});
+        readEvents(new Response(body), (name, data, id) => seen.push([name, data, id]))
+            .then(() => callback(seen), (e) => callback(String(e)));""", stream)
+    assert seen == [["start", {"message_id": "m"}, None], ["delta", {"content": "안녕", "type": "token"}, "2"],
+                    ["surprise", {"x": 1}, None], ["message", {"type": "complete"}, None],
+                    ["done", {"status": "complete"}, "2"]]

@@ -61,7 +61,8 @@ async function readEvents(response, onEvent) {
   for (;;) {
     const {value, done} = await reader.read();
     if (done) return;
-    buffer = (buffer + decoder.decode(value, {stream: true})).replace(/\r\n?/g, "\n");
+    // Lines may end in \r\n or \r; a \r last in the buffer waits to see if \n follows.
+    buffer = (buffer + decoder.decode(value, {stream: true})).replace(/\r\n|\r(?!$)/g, "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, end);
