@@ -312,6 +312,7 @@ def test_an_llm_that_is_down_and_a_rate_limit_show_as_sentences(driver, start_se
     assert notice.startswith("The LLM server") and "{" not in notice
     page.until(lambda: page.messages() and page.messages()[-1][0] == "assistant", message="the failed reply")
     assert page.messages()[-1][2] == notice   # the stored failed reply says the same
+    assert page.messages()[-2][1] == "안녕?" and page.find("#input").get_attribute("value") == ""  # kept, not given back
     while page.api("GET", "/api/sessions").status_code != 429:
         pass
     page.find("#input").clear()

@@ -226,9 +226,10 @@ async function turn(body) {
   } catch (e) {
     if (e.name === "AbortError") return;
     showError(e);
-    // Show what the server kept (a user message stays stored when the LLM is down; not after a 409).
+    // Show what the server kept: the message stays stored when the LLM failed
+    // (upstream_*), else it was refused and goes back into the box to send again.
     if (state.sessionId) await openSession(state.sessionId).catch(() => {});
-    if (!$("input").value && body.message) $("input").value = body.message;
+    if (!$("input").value && body.message && !String(e.code).startsWith("upstream_")) $("input").value = body.message;
   }
 }
 
