@@ -119,7 +119,7 @@ def test_a_wrong_method_is_method_not_allowed(client, method, path):
     assert response.headers["Allow"]
 
 
-@pytest.mark.parametrize("path", ["/", "/api", "/api/nothing", "/api/sessions/x/y", "/static/x.css"])
+@pytest.mark.parametrize("path", ["/nothing", "/api", "/api/nothing", "/api/sessions/x/y", "/static/x.css"])
 def test_an_unknown_path_is_not_found(client, path):
     assert_problem(client.get(path), 404, "not_found")
 
