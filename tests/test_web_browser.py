@@ -164,6 +164,15 @@ def test_enter_sends_shift_enter_breaks_the_line_and_the_answer_grows_token_by_t
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
     page.open()
+    # Enter that ends a Korean IME composition does not send (the event is synchronous: nothing was sent).
+    composing = page.driver.execute_script("""
+        const box = document.getElementById('input');
+        box.value = '조합';
+        box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true, bubbles: true}));
+        const shown = document.querySelectorAll('#messages .message').length;
+        box.value = '';
+        return shown;""")
+    assert composing == 0
     page.type("첫 줄")
     ActionChains(page.driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
     page.send("둘째 줄 @@words=40 @@delay=0.1")
