@@ -383,3 +383,18 @@ def test_the_event_reader_skips_keep_alives_done_lines_and_keeps_split_character
     assert seen == [["start", {"message_id": "m"}, None], ["delta", {"content": "안녕", "type": "token"}, "2"],
                     ["surprise", {"x": 1}, None], ["message", {"type": "complete"}, None],
                     ["done", {"status": "complete"}, "2"]]
+
+
+def test_leaving_a_session_mid_answer_and_coming_back_shows_the_whole_answer(page, standin_log):
+    page.open()
+    page.send("다른 대화로 @@words=100 @@delay=0.05")
+    page.until(lambda: (page.last_reply() or "  ")[1].count("단어") >= 10, message="some text")
+    session_id = page.session_id()
+    page.find("#new-session").click()
+    assert page.messages() == []
+    page.find(f"#sessions button[data-session-id='{session_id}']").click()
+    page.until(lambda: page.idle() and page.last_reply() and page.last_reply()[1] == words(100),
+               message="the whole answer")
+    assert [role for role, *_ in page.messages()] == ["user", "assistant"]
+    assert stored_messages(page.server.db_path, session_id)[1]["content"] == words(100)
+    assert len(standin_log()) == 1
