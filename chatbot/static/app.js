@@ -304,7 +304,8 @@ async function start() {
     return;
   }
   const open = sessionStorage.getItem("chatbot.open");
-  if (open && !state.sessionId) await openSession(open).catch((e) => { newChat(); showError(e); });
+  // The session open before a reload (gone meanwhile: a new chat, without a word).
+  if (open && !state.sessionId) await openSession(open).catch((e) => { newChat(); if (e.status !== 404) showError(e); });
 }
 
 // --- wiring --------------------------------------------------------------------
