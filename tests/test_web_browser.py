@@ -27,7 +27,8 @@ def words(n):
 
 @pytest.fixture(scope="module")
 def live_server_env():
-    return {"CHATBOT_AUTH": "required"}
+    # No grace: a reply outlives the page only because the page asks for it ("on_disconnect": "continue").
+    return {"CHATBOT_AUTH": "required", "CHATBOT_RESUME_GRACE": "0"}
 
 
 @pytest.fixture(scope="module")

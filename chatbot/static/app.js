@@ -219,9 +219,9 @@ async function turn(body) {
       state.sessionId = (await call("POST", "/api/sessions")).session_id;
       sessionStorage.setItem("chatbot.open", state.sessionId);
     }
-    const controller = new AbortController();
-    const response = await api("POST", "/api/chat/stream", {session_id: state.sessionId, ...body},
-                               controller.signal);
+    // "continue": a reload, another session opened or a closed tab does not stop the reply (Stop does).
+    const controller = new AbortController(), request = {session_id: state.sessionId, on_disconnect: "continue"};
+    const response = await api("POST", "/api/chat/stream", {...request, ...body}, controller.signal);
     await follow(response, {sessionId: state.sessionId, messageId: null, position: 0, text: ""}, controller);
   } catch (e) {
     if (e.name === "AbortError") return;
