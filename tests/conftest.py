@@ -124,12 +124,12 @@ def session_id(client):
 
 
 class Gunicorn(Process):
-    def __init__(self, db_path, env):
+    def __init__(self, db_path, env, config="gunicorn.conf.py"):
         port = free_port()
         self.db_path = db_path
         self.bind = f"127.0.0.1:{port}"
         env = {"CHATBOT_BIND": self.bind, "CHATBOT_DATABASE": str(db_path), **env}
-        super().__init__([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+        super().__init__([sys.executable, "-m", "gunicorn", "-c", str(config)],
                          f"http://127.0.0.1:{port}", "/api/health", env)
 
     def new_session(self, headers=None):
@@ -191,9 +191,9 @@ def gunicorn_env(standin, env):
 
 @pytest.fixture
 def start_server(tmp_path, standin):
-    """start_server(db_path=None, **env) -> a gunicorn process running the service
-    (stopped at teardown). Two servers given one db_path share a database, as the
-    worker processes of one server do.
+    """start_server(db_path=None, config="gunicorn.conf.py", **env) -> a gunicorn
+    process running the service (stopped at teardown). Two servers given one
+    db_path share a database, as the worker processes of one server do.
 
     env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1");
     None removes a setting (start_server(CHATBOT_THREADS=None): gunicorn.conf.py's default).
@@ -201,8 +201,9 @@ def start_server(tmp_path, standin):
     """
     servers = []
 
-    def start(db_path=None, **env):
-        servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", gunicorn_env(standin, env)))
+    def start(db_path=None, config="gunicorn.conf.py", **env):
+        servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", gunicorn_env(standin, env),
+                                config))
         return servers[-1]
     yield start
     for server in servers:
