@@ -257,9 +257,11 @@ class Upstream:
             r = requests.get(self.url + path, headers=self.headers(), timeout=self.health_timeout)
             result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
             body = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {}
+            if not isinstance(body, dict):  # a list, a string, null: nothing to read in it
+                body = {}
             result["ok"] = r.ok and body.get("model_loaded", True) is not False
             result["status_code"] = r.status_code
-            if isinstance(body, dict) and body.get("standin"):
+            if body.get("standin"):
                 result["standin"] = True
         except requests.RequestException as e:
             result.update(ok=False, latency_ms=None, error=type(e).__name__)

@@ -1,4 +1,6 @@
 """GET /api/health: the database and the LLM server, never hanging."""
+import http.server
+import threading
 import time
 
 import pytest
@@ -57,3 +59,47 @@ def test_a_database_file_that_is_not_sqlite_is_503(app, client, tmp_path):
 def test_a_database_without_its_tables_is_503(app, client, tmp_path):
     app.config["DATABASE"] = str(tmp_path / "empty.sqlite")
     assert client.get("/api/health").status_code == 503
+
+
+@pytest.fixture
+def llm_health_answering():
+    """llm_health_answering(body) -> the URL of an LLM server whose health
+    endpoint answers `body` (bytes) as application/json."""
+    servers = []
+
+    def make(body):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return "http://127.0.0.1:%d" % server.server_address[1]
+    yield make
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("protocol", ["midm", "openai"])
+@pytest.mark.parametrize("body", [b"[]", b'"ok"', b"3", b"null", b"true"])
+def test_a_health_answer_that_is_json_but_not_an_object_says_nothing_more(make_app, llm_health_answering,
+                                                                          protocol, body):
+    client = make_app(LLM_URL=llm_health_answering(body), LLM_PROTOCOL=protocol).test_client()
+    response = client.get("/api/health")
+    assert response.status_code == 200 and response.json["status"] == "ok"
+    assert response.json["llm"]["ok"] is True and response.json["llm"]["status_code"] == 200
+
+
+def test_a_health_answer_that_is_not_json_is_degraded(make_app, llm_health_answering):
+    client = make_app(LLM_URL=llm_health_answering(b"{not json")).test_client()
+    response = client.get("/api/health")
+    assert response.status_code == 200 and response.json["status"] == "degraded"
+    assert response.json["llm"]["ok"] is False
