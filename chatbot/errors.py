@@ -6,7 +6,7 @@ from http import HTTPStatus
 from flask import current_app
 from werkzeug.exceptions import HTTPException
 
-from .store import is_busy
+from .store import SessionGone, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ def init_app(app):
 
     app.register_error_handler(ApiError, problem)
     app.register_error_handler(TurnRefused, lambda e: problem(refusal(e)))
+    # A session deleted between a view's check and its write (views that can race
+    # a delete turn it into a 404 themselves; this is the net under the others).
+    app.register_error_handler(SessionGone, lambda e: problem(session_not_found(e.args[0])))
 
     @app.errorhandler(HTTPException)
     def http_error(e):

@@ -72,7 +72,10 @@ def get(session_id):
 def patch(session_id):
     session_or_404(session_id)
     body = parse_body(PatchSession)
-    return store.update_session(get_db(), session_id, body.changes())
+    try:
+        return store.update_session(get_db(), session_id, body.changes())
+    except store.SessionGone:  # deleted since the check above
+        raise session_not_found(session_id) from None
 
 
 @bp.delete("/<session_id>")

@@ -157,6 +157,7 @@ def stop(session_id, owner):
     conn = get_db()
     session_of(conn, session_id, owner)
     if not store.request_stop(conn, session_id):
+        session_of(conn, session_id, owner)  # deleted meanwhile: 404, not "nothing to stop"
         raise TurnRefused("nothing_to_stop", "No reply is being generated for this session.")
     turn = MONITOR.for_session(session_id)
     if turn is not None:  # produced here: no need to wait for the monitor's next look

@@ -14,6 +14,10 @@ from datetime import datetime, timedelta, timezone
 _writer = threading.Lock()
 
 
+class SessionGone(LookupError):
+    """The session was deleted (by another request) between the caller's check and its write."""
+
+
 @contextmanager
 def transaction(db, write=True):
     """BEGIN IMMEDIATE ... COMMIT: take the write lock up front, so a

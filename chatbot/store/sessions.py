@@ -2,7 +2,7 @@
 import json
 import unicodedata
 
-from .base import new_id, now_iso, transaction
+from .base import SessionGone, new_id, now_iso, transaction
 
 TITLE_CHARS = 40          # length of a title made from the first message, in characters
 
@@ -146,6 +146,8 @@ def update_session(db, session_id, changes):
     if "metadata" in columns:
         columns["metadata"] = json.dumps(columns["metadata"], ensure_ascii=False)
     with transaction(db):
+        if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
+            raise SessionGone(session_id)
         if "title" in columns and columns["title"] is None:
             first = db.execute("SELECT content FROM messages WHERE session_id = ? AND role = 'user'"
                                " ORDER BY seq LIMIT 1", (session_id,)).fetchone()

@@ -11,7 +11,7 @@ over writes nothing.
 import json
 import time
 
-from .base import ago_iso, now_iso, transaction
+from .base import SessionGone, ago_iso, now_iso, transaction
 from .sessions import _insert_message, _touch, get_message, make_title, message_dict
 
 WORKER_LOST = {"code": "worker_lost", "detail": "The worker generating this reply stopped."}
@@ -23,10 +23,6 @@ class NothingToRegenerate(LookupError):
 
 class TooManyTurns(Exception):
     """The session's owner already has as many replies running as it may."""
-
-
-class SessionGone(LookupError):
-    """The session was deleted (by another request) before the turn could begin."""
 
 
 def begin_turn(db, session_id, user_text=None, max_per_owner=0, *, lease_owner="local", lease_seconds=15.0,
