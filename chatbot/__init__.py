@@ -1,4 +1,6 @@
-"""The chatbot backend: a Flask app factory."""
+"""The chatbot backend: a Flask app factory, and every setting's default.
+
+Settings are checked by chatbot/settings.py, whose model is made from DEFAULTS."""
 import logging
 import os
 
@@ -41,17 +43,26 @@ DEFAULTS = {
     "CORS_ORIGINS": "",                  # comma-separated origins allowed from browsers, or "*"; "": CORS off
     "LOG_CONTENT": False,                # put users' messages in the request log
     "WEB_UI": True,                      # the chat page at / (chatbot/web.py)
+    "METRICS_TOKEN": None,               # bearer token of GET /metrics; unset: open to loopback only
+    # Serving (gunicorn.conf.py)
+    "BIND": "127.0.0.1:5000",
+    "WORKERS": 2,
+    "THREADS": 256,                      # per worker: each open stream holds one
+    "WORKER_TIMEOUT": 30,                # gunicorn's heartbeat of a worker's main loop, not a request limit
+    "GRACEFUL_TIMEOUT": 30,              # seconds running streams get to finish on a stop or reload
 }
 
 
 def create_app(test_config=None):
     app = Flask(__name__, instance_relative_config=True, static_folder=None)
+    from . import settings
+
     app.config.update(DEFAULTS, DATABASE=os.path.join(app.instance_path, "chatbot.sqlite"))
     app.config.from_prefixed_env("CHATBOT")
+    app.config.update(settings.from_environ(os.environ))  # text settings exactly as written
     if test_config is not None:
         app.config.update(test_config)
-    if app.config["LLM_PROTOCOL"] not in ("midm", "openai"):
-        raise ValueError("CHATBOT_LLM_PROTOCOL must be 'midm' or 'openai'")
+    app.config.update(settings.check(app.config))  # SettingsError names a bad one
     app.json.ensure_ascii = False  # Korean stays readable in answers
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

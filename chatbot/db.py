@@ -11,17 +11,17 @@ from .store import recover_dead_generations
 BUSY_TIMEOUT_MS = 15000
 
 
-def connect(path):
+def connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS):
     """Open a connection with the pragmas SQLite leaves off by default.
 
     Pragmas are per connection, so every connection goes through here.
     isolation_level=None: we open write transactions ourselves and keep them short.
     """
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
                            check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
     return conn

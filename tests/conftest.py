@@ -51,13 +51,13 @@ def stop_process(proc):
 
 
 class Process:
-    def __init__(self, args, url, health_path, env=None):
+    def __init__(self, args, url, health_path, env=None, cwd=ROOT):
         self.url = url
         env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
         # stderr goes to a file, not a pipe: a pipe nobody reads fills up (64 KiB of
         # log lines) and then blocks the server.
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=self.stderr)
         wait_until_up(url + health_path, self.proc)
 
     def output(self):
@@ -124,13 +124,13 @@ def session_id(client):
 
 
 class Gunicorn(Process):
-    def __init__(self, db_path, env, config="gunicorn.conf.py"):
+    def __init__(self, db_path, env, config="gunicorn.conf.py", cwd=ROOT):
         port = free_port()
         self.db_path = db_path
         self.bind = f"127.0.0.1:{port}"
         env = {"CHATBOT_BIND": self.bind, "CHATBOT_DATABASE": str(db_path), **env}
         super().__init__([sys.executable, "-m", "gunicorn", "-c", str(config)],
-                         f"http://127.0.0.1:{port}", "/api/health", env)
+                         f"http://127.0.0.1:{port}", "/api/health", env, cwd)
 
     def new_session(self, headers=None):
         return requests.post(self.url + "/api/sessions", headers=headers).json()["session_id"]
@@ -191,9 +191,9 @@ def gunicorn_env(standin, env):
 
 @pytest.fixture
 def start_server(tmp_path, standin):
-    """start_server(db_path=None, config="gunicorn.conf.py", **env) -> a gunicorn
-    process running the service (stopped at teardown). Two servers given one
-    db_path share a database, as the worker processes of one server do.
+    """start_server(db_path=None, config="gunicorn.conf.py", cwd=ROOT, **env) -> a
+    gunicorn process running the service (stopped at teardown). Two servers
+    given one db_path share a database, as the worker processes of one server do.
 
     env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1");
     None removes a setting (start_server(CHATBOT_THREADS=None): gunicorn.conf.py's default).
@@ -201,9 +201,9 @@ def start_server(tmp_path, standin):
     """
     servers = []
 
-    def start(db_path=None, config="gunicorn.conf.py", **env):
+    def start(db_path=None, config="gunicorn.conf.py", cwd=ROOT, **env):
         servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", gunicorn_env(standin, env),
-                                config))
+                                config, cwd))
         return servers[-1]
     yield start
     for server in servers:

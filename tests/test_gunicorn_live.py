@@ -1,7 +1,14 @@
 """gunicorn at its edges: many descriptors, its hooks, its settings, a reload."""
 import os
+import shutil
+import signal
+import sqlite3
 
-from conftest import ROOT, SSEStream
+import requests
+
+from chatbot import DEFAULTS
+
+from conftest import ROOT, SSEStream, wait_for
 from helpers import deltas
 
 HELD_DESCRIPTORS = 1100
@@ -43,3 +50,67 @@ def test_a_worker_with_more_than_1024_descriptors_keeps_its_streams(start_server
     done = events[-1][1]
     assert done["status"] == "complete" and done["finish_reason"] == "stop"
     assert deltas(events).split()[-30:] == [f"단어{i}" for i in range(1, 31)]
+
+
+def test_a_database_error_when_a_worker_dies_neither_stops_nor_blocks_the_master(start_server):
+    server = start_server(CHATBOT_WORKERS="1")
+    (worker,) = server.worker_pids()
+    # Another process holds the database's write lock (longer than child_exit may wait).
+    holder = sqlite3.connect(server.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        os.kill(worker, signal.SIGKILL)
+        # Replaced well before the 15 s a request would wait for the database.
+        assert wait_for(lambda: server.worker_pids() not in ([], [worker]), timeout=10), server.output()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert requests.get(server.url + "/api/health").status_code == 200
+    assert server.proc.poll() is None
+    assert f"could not release the replies of worker {worker}" in server.output()
+
+
+def test_threads_and_graceful_timeout_from_gunicorns_options_are_the_ones_used(start_server):
+    # --threads below the settings' THREADS (256 by default) used to leave the
+    # thread barrier waiting for threads that do not exist, until the worker died.
+    server = start_server(CHATBOT_THREADS=None, CHATBOT_WORKERS="1",
+                          GUNICORN_CMD_ARGS="--threads 4 --graceful-timeout 3")
+    sid = server.new_session()
+    stream = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=400 @@delay=0.05"})
+    events = stream.events()
+    assert next(events)[0] == "start"
+    server.proc.send_signal(signal.SIGTERM)
+    # Ended by us before gunicorn's kill at 3 s, not by the kill itself.
+    name, done, _ = list(events)[-1]
+    assert name == "done" and done["status"] == "incomplete" and done["finish_reason"] == "shutdown"
+
+
+def project_copy(tmp_path):
+    """The service's files in a directory of their own, to change them."""
+    app = tmp_path / "app"
+    shutil.copytree(ROOT / "chatbot", app / "chatbot", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("wsgi.py", "gunicorn.conf.py", "schema.sql"):
+        shutil.copy(ROOT / name, app / name)
+    return app
+
+
+def test_sighup_reloads_the_code_and_the_settings(start_server, tmp_path, standin_log):
+    app = project_copy(tmp_path)
+    server = start_server(cwd=app, CHATBOT_WORKERS="1")
+    (worker,) = server.worker_pids()
+    sid = server.new_session()
+    assert requests.post(server.url + "/api/chat", json={"session_id": sid, "message": "before"}).status_code == 200
+    assert standin_log()[-1]["body"]["messages"][0]["content"] == DEFAULTS["SYSTEM_PROMPT"]
+
+    # A new setting in .env, and a change of code.
+    (app / ".env").write_text("CHATBOT_MAX_MESSAGE_CHARS=10\n")
+    with open(app / "chatbot" / "__init__.py", "a") as f:
+        f.write('\nDEFAULTS["SYSTEM_PROMPT"] = "Reloaded."\n')
+    server.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: server.worker_pids() not in ([], [worker]), timeout=20)
+    answer = wait_for(lambda: requests.post(server.url + "/api/chat",
+                                            json={"session_id": sid, "message": "after"}), timeout=10)
+    assert answer.status_code == 200
+    assert standin_log()[-1]["body"]["messages"][0]["content"] == "Reloaded."
+    too_long = requests.post(server.url + "/api/chat", json={"session_id": sid, "message": "x" * 11})
+    assert too_long.status_code == 422
