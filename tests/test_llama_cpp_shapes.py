@@ -44,7 +44,7 @@ def recorded(name, status=200, content_type="text/event-stream; charset=utf-8", 
 
 def answer(monkeypatch, response, stream=True):
     """A Call whose request is answered with `response`, opened."""
-    monkeypatch.setattr(llm.requests, "post", lambda *args, **kwargs: response)
+    monkeypatch.setattr(llm.Call, "_send", lambda *args, **kwargs: response)
     call = llm.Upstream(CONFIG).call([{"role": "user", "content": "Say hello."}], OPTIONS, stream=stream)
     call.open()
     return call

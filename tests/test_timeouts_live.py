@@ -96,14 +96,14 @@ def upstream(url, retries):
 
 
 def test_a_refused_connection_is_retried_before_anything_was_sent(standin, monkeypatch):
-    real_post, attempts = requests.post, []
+    real_send, attempts = llm.Call._send, []
 
     def refuse_twice(*args, **kwargs):
         attempts.append(1)
         if len(attempts) <= 2:
             raise requests.ConnectionError("Connection refused")
-        return real_post(*args, **kwargs)
-    monkeypatch.setattr(llm.requests, "post", refuse_twice)
+        return real_send(*args, **kwargs)
+    monkeypatch.setattr(llm.Call, "_send", refuse_twice)
     call = upstream(standin, retries=2).call([{"role": "user", "content": "@@words=2"}],
                                              {"max_new_tokens": 10, "temperature": 0, "do_sample": False})
     call.open()
