@@ -20,9 +20,11 @@ import threading
 
 # A reload runs this file again in the master: first forget the project's
 # modules the last run imported, so that this run and every worker forked after
-# it read the code as it is now.
-for _name in [m for m in sys.modules if m in ("chatbot", "wsgi") or m.startswith("chatbot.")]:
-    del sys.modules[_name]
+# it read the code as it is now. (Only in gunicorn, which loads this file as
+# "__config__": a process that merely reads the file keeps its modules.)
+if __name__ == "__config__":
+    for _name in [m for m in sys.modules if m in ("chatbot", "wsgi") or m.startswith("chatbot.")]:
+        del sys.modules[_name]
 
 from dotenv import dotenv_values  # noqa: E402
 

@@ -67,14 +67,15 @@ def create_app(test_config=None):
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    from . import access, chat, db, errors, health, openapi, sessions, ws
+    from . import access, chat, db, errors, health, metrics, openapi, requestlog, sessions, ws
     from .llm import Upstream
 
     app.extensions["upstream"] = Upstream(app.config)
     db.init_app(app)
     errors.init_app(app)
+    requestlog.init_app(app)
     access.init_app(app)
-    for module in (sessions, chat, health, ws, openapi):
+    for module in (sessions, chat, health, ws, openapi, metrics):
         app.register_blueprint(module.bp)
     ws.sock.init_app(app)
     if str(app.config["WEB_UI"]).lower() not in ("false", "0", "no", "off", ""):

@@ -1,5 +1,5 @@
 """Who may call the API, and how much: API keys, the owner of each request,
-per-key limits, CORS, and one structured log line per request.
+per-key limits, CORS.
 
 Every request goes through `check_request` (a before_request hook), which sets
 g.owner: the name of the caller's key, or LOCAL_OWNER when CHATBOT_AUTH is
@@ -13,12 +13,9 @@ fast keyed hash is enough (a slow password hash protects guessable secrets).
 """
 import hashlib
 import hmac
-import json
 import logging
 import re
 import secrets
-import sys
-import time
 
 import click
 from flask import current_app, g, request
@@ -33,7 +30,6 @@ KEY_PREFIX = "cbk_"
 KEY_NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("chatbot.requests")
 
 
 def public(view):
@@ -93,7 +89,6 @@ def authenticate():
 # --- the hook every request goes through ------------------------------------
 
 def check_request():
-    g.started = time.monotonic()
     g.key_name = None
     if request.method == "OPTIONS":
         return  # CORS preflights carry no key
@@ -127,42 +122,6 @@ def per_key_limit(setting):
     """A per-key limit, or 0 (none) when keys are off: then every client is the
     one owner 'local', and a shared budget would throttle them all together."""
     return current_app.config[setting] if current_app.config["AUTH"] == "required" else 0
-
-
-# --- one log line per request ----------------------------------------------
-
-def log_request(response):
-    """Log the request as one JSON line when the response is closed (after the
-    last byte of a stream), never with the key or, unless LOG_CONTENT is on,
-    with what was said."""
-    fields = {
-        "method": request.method,
-        "path": request.path,
-        "status": response.status_code,
-        "session_id": g.get("session_id") or (request.view_args or {}).get("session_id"),
-        "key": g.get("key_name"),
-    }
-    if current_app.config["LOG_CONTENT"] and request.is_json and response.status_code != 413:
-        body = request.get_json(silent=True)
-        fields["message"] = body.get("message") if isinstance(body, dict) else None
-    started = g.get("started", time.monotonic())
-
-    def write():
-        fields["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
-        access_log.info(json.dumps(fields, ensure_ascii=False))
-    response.call_on_close(write)
-    return response
-
-
-def _setup_access_log():
-    """JSON lines on stderr, on their own (not behind the root logger's prefix)."""
-    access_log.setLevel(logging.INFO)
-    access_log.propagate = False
-    if not any(getattr(h, "chatbot_json_lines", False) for h in access_log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.chatbot_json_lines = True  # create_app runs many times in one test process
-        access_log.addHandler(handler)
 
 
 # --- CLI ----------------------------------------------------------------
@@ -214,9 +173,7 @@ def init_app(app):
     if app.config["AUTH"] == "disabled":
         log.warning("CHATBOT_AUTH=disabled: NO API KEYS ARE CHECKED. Anyone who can reach this "
                     "service reads and writes every conversation. Use it for local work only.")
-    _setup_access_log()
     app.before_request(check_request)
-    app.after_request(log_request)
     origins = [o.strip() for o in app.config["CORS_ORIGINS"].split(",") if o.strip()]
     if origins:
         from flask_cors import CORS

@@ -28,7 +28,7 @@ import ssl
 import threading
 import time
 
-from . import context, db, store
+from . import context, db, metrics, store
 from .llm import UpstreamError
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Turn:
                 "message_id": self.reply_id}
 
     def start(self):
+        metrics.turn_started()
         MONITOR.add(self)
         threading.Thread(target=self._produce, daemon=True, name="turn-producer").start()
         return self
@@ -122,6 +123,8 @@ class Turn:
                     self.completion_tokens = chunk.completion_tokens
                 self.finish_reason = chunk.finish_reason or self.finish_reason
                 if chunk.text:
+                    if self.last_text is None:
+                        metrics.first_token(time.monotonic() - self.began)
                     with self.cond:
                         self.texts.append(chunk.text)
                         self.ends.append(self.length + len(chunk.text))
@@ -141,10 +144,13 @@ class Turn:
         if status == "incomplete" and not text:
             # A reply with no text is failed, whatever ended it, and says why.
             status, error = "failed", error or STOPPED_BEFORE_TEXT
+        usage = self._usage()
+        metrics.turn_finished(status, finish_reason, time.monotonic() - self.began, usage,
+                              error["code"] if error else None)
         conn = db.connect(self.config["DATABASE"])
         try:
             message = store.when_not_busy(store.finish_turn, conn, self.session_id, self.reply_id, self.fence,
-                                          text, status, self._usage(), finish_reason, error)
+                                          text, status, usage, finish_reason, error)
         except Exception:
             log.exception("turn %s: the reply could not be stored", self.reply_id)
             message = None

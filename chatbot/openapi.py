@@ -67,6 +67,8 @@ OPERATIONS = {
     "health.health": Op("Health of the database and the LLM server", (200, Health, "ok or degraded"),
                         errors=(503,), tags=["service"]),
     "openapi.openapi": Op("This description", (200, "document", "OpenAPI 3.1"), tags=["service"]),
+    "metrics.metrics": Op("Prometheus metrics of every worker of this host (the metrics token, or loopback)",
+                          (200, "prometheus", "Prometheus text format"), errors=(401,), tags=["service"]),
 }
 
 BODY_ERRORS = (400, 413, 415, 422)
@@ -74,7 +76,7 @@ ERROR_TEXT = {
     400: "The body is not valid JSON (invalid_json), a cursor is not one we gave (invalid_cursor), a position"
          " is no non-negative integer (invalid_position), an Idempotency-Key is malformed"
          " (invalid_idempotency_key), or a GET of the WebSocket is no upgrade (bad_request)",
-    401: "No API key, or not a valid one (unauthorized)",
+    401: "No API key, or not a valid one; for /metrics, not the metrics token (unauthorized)",
     404: "No such session for this key (session_not_found), or no such message in it (message_not_found)",
     409: "A reply is being generated (generation_in_progress), none is (nothing_to_stop), or there is"
          " none to regenerate (nothing_to_regenerate)",
@@ -134,6 +136,8 @@ def _responses(op, endpoint, secured):
                          "text/markdown": {"schema": {"type": "string"}}}
     elif model == "document":
         ok["content"] = {"application/json": {"schema": {"type": "object"}}}
+    elif model == "prometheus":
+        ok["content"] = {"text/plain": {"schema": {"type": "string"}}}
     elif model is not None:
         ok["content"] = {"application/json": {"schema": _ref(model)}}
     responses = {str(status): ok}

@@ -12,7 +12,7 @@ import json
 
 from flask import current_app
 
-from . import context, store
+from . import context, metrics, store
 from .access import per_key_limit
 from .db import get_db
 from .generation import INTERNAL_ERROR, MONITOR, Turn, follow_stored, lease_owner
@@ -123,10 +123,19 @@ def _replay(earlier, claim, owner, client_gone):
     if earlier["fingerprint"] != claim[2]:
         raise TurnRefused("idempotency_key_reused",
                           "This Idempotency-Key was used for a different request; use a new key for a new one.")
-    return attach(earlier["session_id"], earlier["message_id"], owner, 0, client_gone)
+    events = _follow(earlier["session_id"], earlier["message_id"], owner, 0, client_gone)
+    metrics.idempotent_replay()
+    return events
 
 
 def attach(session_id, message_id, owner, after=0, client_gone=None):
+    """Re-attach: the events of a reply from position `after` on."""
+    events = _follow(session_id, message_id, owner, after, client_gone)
+    metrics.resumed()
+    return events
+
+
+def _follow(session_id, message_id, owner, after, client_gone):
     """The events of a reply from position `after` on: live when it runs in
     this process, else from the database (another process or host, or over)."""
     conn = get_db()
