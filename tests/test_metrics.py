@@ -1,13 +1,15 @@
 """GET /metrics: Prometheus text for every worker of the host, behind the
 metrics token (or loopback), with no session id, key or text in any label."""
+import json
 import os
+import re
 import signal
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SSEStream, bearer, new_api_key, wait_for
+from conftest import ROOT, SSEStream, bearer, new_api_key, wait_for
 from helpers import assert_problem
 
 SAID = "비밀 이야기 7d41e2"   # a message whose text must not reach any label
@@ -143,3 +145,11 @@ def test_a_new_start_begins_from_zero(start_server, tmp_path):
     first.stop()
     second = start_server(CHATBOT_WORKERS="1", PROMETHEUS_MULTIPROC_DIR=str(directory))
     assert value(live_scrape(second), "chatbot_replies_total", status="complete", finish_reason="stop") == 0
+
+
+def test_the_grafana_dashboard_shows_every_metric_and_no_other(client):
+    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+    used = {re.sub("_bucket$", "", name) for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"chatbot_[a-z_]+", target["expr"])}
+    shown = set(re.findall(r"^# TYPE (\S+) ", client.get("/metrics").get_data(as_text=True), re.M))
+    assert used == set(NAMES) and used <= shown
