@@ -5,7 +5,6 @@ import os
 import re
 import signal
 
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
