@@ -1,11 +1,15 @@
 """Small helpers shared by the test modules (fixtures live in conftest.py)."""
+import json
 import sqlite3
 import threading
 from datetime import datetime
 
+import requests
 
-def assert_problem(response, status, code):
-    """The response is an RFC 9457 problem with this status and code.
+
+def assert_problem(response, status, code, field=None):
+    """The response is an RFC 9457 problem with this status and code (and,
+    given `field`, a validation error of that field); returns its body.
 
     Works for a Flask test response and for a requests.Response.
     """
@@ -16,7 +20,38 @@ def assert_problem(response, status, code):
     assert body["status"] == status and body["code"] == code, body
     assert isinstance(body["title"], str) and isinstance(body["type"], str)
     assert isinstance(body["detail"], str) and body["detail"]
+    if field is not None:
+        assert field in [e["field"] for e in body["errors"]], body
     return body
+
+
+def chat(target, session_id, message, path="/api/chat", **fields):
+    """POST one chat turn and read the whole answer (a stream to its end).
+
+    `target` is a Flask test client, or a live server (anything with a `url`).
+    """
+    body = {"session_id": session_id, "message": message, **fields}
+    if hasattr(target, "url"):
+        return requests.post(target.url + path, json=body, timeout=30)
+    response = target.post(path, json=body)
+    response.get_data()
+    return response
+
+
+def sse_block(block):
+    """One Server-Sent Event, the text between two blank lines: (name, data),
+    or ("comment", text) for a block with no event (a keep-alive)."""
+    fields = dict(line.split(": ", 1) for line in block.split("\n") if not line.startswith(":"))
+    if "event" in fields:
+        return fields["event"], json.loads(fields["data"])
+    return "comment", block
+
+
+def sse_events(body):
+    """The events of a whole SSE body (bytes or text, e.g. a test client's
+    response data), keep-alive comments left out: [(name, data)]."""
+    text = body.decode() if isinstance(body, bytes) else body
+    return [e for e in (sse_block(b) for b in text.strip().split("\n\n") if b) if e[0] != "comment"]
 
 
 def rows(db_path, sql, *params):

@@ -6,7 +6,7 @@ import pytest
 
 from chatbot import context
 from chatbot.standin import MARKER
-from helpers import stored_messages
+from helpers import sse_events, stored_messages
 
 WORDS3 = MARKER + "단어1 단어2 단어3 "
 
@@ -15,16 +15,6 @@ def standin_usage(messages, pieces):
     """The usage the stand-in reports (see chatbot/standin.py)."""
     prompt = sum(len(m["content"]) // 2 + 1 for m in messages)
     return {"prompt_tokens": prompt, "completion_tokens": pieces, "total_tokens": prompt + pieces}
-
-
-def sse_events(response):
-    blocks = response.get_data(as_text=True).strip().split("\n\n")
-    events = []
-    for block in blocks:
-        fields = dict(line.split(": ", 1) for line in block.split("\n") if not line.startswith(":"))
-        if "event" in fields:
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
 
 
 def test_a_chat_answers_the_stored_assistant_message(app, client, session_id, standin_log):
@@ -42,7 +32,7 @@ def test_a_chat_answers_the_stored_assistant_message(app, client, session_id, st
 def test_a_stream_stores_the_upstreams_usage(client, session_id, standin_log):
     response = client.post("/api/chat/stream", json={"session_id": session_id,
                                                      "message": "hi @@words=3 @@format=token"})
-    done = sse_events(response)[-1]
+    done = sse_events(response.get_data())[-1]
     assert done[0] == "done"
     assert done[1]["token_usage"] == standin_usage(standin_log()[-1]["body"]["messages"], 3)
 
@@ -50,7 +40,7 @@ def test_a_stream_stores_the_upstreams_usage(client, session_id, standin_log):
 def test_midm_llm_servings_total_tokens_is_the_completions_count(app, client, session_id, standin_log):
     # midm_LLM_serving sends no usage, only `total_tokens` (the reply's) in its `complete` event
     response = client.post("/api/chat/stream", json={"session_id": session_id, "message": "안녕 @@words=4"})
-    name, done = sse_events(response)[-1]
+    name, done = sse_events(response.get_data())[-1]
     sent = standin_log()[-1]["body"]["messages"]
     assert name == "done" and done["token_usage"] == {
         "prompt_tokens": context.count_tokens(sent), "completion_tokens": 4,
@@ -62,7 +52,7 @@ def test_midm_llm_servings_total_tokens_is_the_completions_count(app, client, se
 def test_without_the_upstreams_usage_an_estimate_is_stored_and_marked(app, client, session_id, standin_log):
     response = client.post("/api/chat/stream",
                            json={"session_id": session_id, "message": "hi @@words=3 @@nousage"})
-    usage = sse_events(response)[-1][1]["token_usage"]
+    usage = sse_events(response.get_data())[-1][1]["token_usage"]
     sent = standin_log()[-1]["body"]["messages"]
     assert usage == {"prompt_tokens": context.count_tokens(sent), "completion_tokens": 3,
                      "total_tokens": context.count_tokens(sent) + 3, "estimated": True}
@@ -92,7 +82,7 @@ def test_the_openai_protocol(openai_client, standin_log, path):
     session_id = client.post("/api/sessions").json["session_id"]
     response = client.post(path, json={"session_id": session_id, "message": "hi @@words=3",
                                        "max_new_tokens": 2})
-    reply = response.json if path == "/api/chat" else sse_events(response)[-1][1]
+    reply = response.json if path == "/api/chat" else sse_events(response.get_data())[-1][1]
     assert reply["content"] == MARKER + "단어1 단어2 " and reply["finish_reason"] == "length"
     assert reply["status"] == "complete" and "estimated" not in reply["token_usage"]
     request = standin_log()[-1]
@@ -107,7 +97,7 @@ def test_an_openai_stream_without_finish_reason_is_incomplete(openai_client):
     session_id = client.post("/api/sessions").json["session_id"]
     response = client.post("/api/chat/stream", json={"session_id": session_id,
                                                      "message": "hi @@words=3 @@nofinish"})
-    name, error = sse_events(response)[-1]
+    name, error = sse_events(response.get_data())[-1]
     assert name == "error" and error["code"] == "upstream_error"
     reply = client.get(f"/api/sessions/{session_id}/messages").json["messages"][-1]
     assert reply["status"] == "incomplete" and reply["content"] == WORDS3

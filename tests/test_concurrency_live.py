@@ -11,10 +11,9 @@ import threading
 import time
 
 import pytest
-import requests
 
 from conftest import SSEStream, wait_for
-from helpers import assert_problem, rows, stored_messages
+from helpers import assert_problem, chat, rows, stored_messages
 
 STREAMS = 200
 
@@ -71,23 +70,14 @@ def generating_pid(server, session_id):
     return int(row["lease_owner"].split(":")[1])
 
 
-def worker_pids(server):
-    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
-        return [int(pid) for pid in f.read().split()]
-
-
-def chat(server, session_id, message, path="/api/chat"):
-    return requests.post(server.url + path, json={"session_id": session_id, "message": message}, timeout=30)
-
-
 def test_a_second_chat_while_a_reply_streams_is_refused_by_every_worker(server):
-    assert wait_for(lambda: len(worker_pids(server)) == 2, timeout=30)  # the second may still be booting
+    assert wait_for(lambda: len(server.worker_pids()) == 2, timeout=30)  # the second may still be booting
     sid = server.new_session()
     s = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=20 @@delay=0.1"})
     events = s.events()
     assert next(events)[0] == "start"
     holder = generating_pid(server, sid)
-    assert holder in worker_pids(server)
+    assert holder in server.worker_pids()
     # Freeze the worker that streams: the next requests can only be taken by the other one.
     os.kill(holder, signal.SIGSTOP)
     try:

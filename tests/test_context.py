@@ -2,18 +2,12 @@
 message; trimmed oldest-first to the token budget. Checked on what the
 stand-in LLM server actually received."""
 from chatbot import context, db
-from helpers import write_turn
+from helpers import chat, write_turn
 
 
 def sent(standin_log):
     """The messages of the latest generation request the stand-in received."""
     return standin_log()[-1]["body"]["messages"]
-
-
-def chat(client, session_id, message, path="/api/chat"):
-    response = client.post(path, json={"session_id": session_id, "message": message})
-    response.get_data()  # a stream runs to its end
-    return response
 
 
 def test_the_context_is_the_system_prompt_the_history_and_the_new_message(app, client, session_id,

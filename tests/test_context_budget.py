@@ -1,10 +1,7 @@
 """The context sent upstream stays within CHATBOT_CONTEXT_MAX_TOKENS, system prompt included."""
 from chatbot import context
 from chatbot.context import count_tokens, estimate_tokens
-
-
-def chat(client, session_id, message):
-    return client.post("/api/chat", json={"session_id": session_id, "message": message})
+from helpers import chat
 
 
 def pairs(messages):

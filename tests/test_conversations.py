@@ -5,6 +5,7 @@ import json
 import pytest
 
 from chatbot.store import make_title
+from helpers import assert_problem
 
 
 def new_session(client, **body):
@@ -23,14 +24,6 @@ def page(client, **params):
     response = client.get("/api/sessions", query_string=params)
     assert response.status_code == 200, response.json
     return [s["session_id"] for s in response.json["sessions"]], response.json["next_cursor"]
-
-
-def assert_problem(response, status, code, field=None):
-    assert response.status_code == status, response.json
-    assert response.mimetype == "application/problem+json"
-    assert response.json["code"] == code
-    if field is not None:
-        assert field in [e["field"] for e in response.json["errors"]]
 
 
 # The list

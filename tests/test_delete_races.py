@@ -1,6 +1,4 @@
 """A session deleted while another request works on it: a clean 404, never a 500."""
-import json
-
 import pytest
 
 from chatbot import sessions, store, turns
@@ -8,7 +6,7 @@ from chatbot.access import current_owner
 from chatbot.db import get_db
 
 from conftest import wait_for
-from helpers import assert_problem, in_thread, rows
+from helpers import assert_problem, in_thread, rows, sse_events
 
 
 @pytest.fixture
@@ -71,8 +69,6 @@ def test_a_stream_whose_session_is_deleted_meanwhile_ends_with_an_error_event(ap
     chunks = iter(response.response)
     assert b"event: start" in next(chunks)
     assert app.test_client().delete(f"/api/sessions/{session_id}").status_code == 204
-    blocks = b"".join(chunks).decode().strip().split("\n\n")
-    last = [b for b in blocks if "event: " in b][-1]
-    assert "event: error" in last
-    assert json.loads(last.split("data: ", 1)[1])["code"] == "message_not_found"
+    name, data = sse_events(b"".join(chunks))[-1]
+    assert name == "error" and data["code"] == "message_not_found"
     response.close()

@@ -55,18 +55,13 @@ def test_gunicorn_runs_threaded_workers_sized_from_the_environment(monkeypatch):
     assert (custom["workers"], custom["threads"], custom["timeout"], custom["bind"]) == (3, 7, 9, "127.0.0.1:9999")
 
 
-def worker_pids(server):
-    with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
-        return set(f.read().split())
-
-
 def test_a_stream_longer_than_the_worker_timeout_is_not_cut(start_server):
     # One thread: gunicorn would quietly turn a "sync" worker_class with threads into gthread.
     server = start_server(CHATBOT_WORKER_TIMEOUT="2", CHATBOT_WORKERS="1", CHATBOT_THREADS="1")
-    workers = worker_pids(server)
+    workers = server.worker_pids()
     sid = server.new_session()
     s = SSEStream(server.url, "/api/chat/stream", {"session_id": sid, "message": "@@words=14 @@delay=0.25"})
     events = list(s.events())  # about 3.5 s, well over the timeout
     assert not s.cut and events[-1][0] == "done" and events[-1][1]["content"].endswith("단어14 ")
-    assert worker_pids(server) == workers  # the worker was never killed and replaced
+    assert server.worker_pids() == workers  # the worker was never killed and replaced
     assert rows(server.db_path, "SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "complete"}]

@@ -7,17 +7,11 @@ import requests
 
 from chatbot import db, store
 from conftest import SSEStream, bearer, new_api_key
-
-
-def problem(answer, status, code):
-    assert answer.status_code == status, answer.get_data(as_text=True)
-    assert answer.mimetype == "application/problem+json"
-    assert answer.json["code"] == code
-    return answer.json
+from helpers import assert_problem
 
 
 def failing_fields(answer):
-    return [e["field"] for e in problem(answer, 422, "validation_error")["errors"]]
+    return [e["field"] for e in assert_problem(answer, 422, "validation_error")["errors"]]
 
 
 # --- sizes and values ---------------------------------------------------------------
@@ -26,8 +20,8 @@ def test_a_body_over_max_content_length_is_413(make_app):
     client = make_app(MAX_CONTENT_LENGTH=1000).test_client()
     sid = client.post("/api/sessions").json["session_id"]
     big = json.dumps({"session_id": sid, "message": "x" * 2000})
-    problem(client.post("/api/chat", data=big, content_type="application/json"), 413, "payload_too_large")
-    problem(client.post("/api/sessions", json={"metadata": {"k": "x" * 2000}}), 413, "payload_too_large")
+    assert_problem(client.post("/api/chat", data=big, content_type="application/json"), 413, "payload_too_large")
+    assert_problem(client.post("/api/sessions", json={"metadata": {"k": "x" * 2000}}), 413, "payload_too_large")
     assert client.post("/api/chat", json={"session_id": sid, "message": "x" * 500}).status_code == 200
 
 
@@ -82,7 +76,7 @@ def test_the_request_rate_is_limited_per_key(make_app):
     for _ in range(3):
         assert client.post("/api/sessions", headers=alice).status_code == 201
     refused = client.get("/api/sessions/whatever", headers=alice)
-    problem(refused, 429, "rate_limited")
+    assert_problem(refused, 429, "rate_limited")
     assert 1 <= int(refused.headers["Retry-After"]) <= 120  # the window reaches into the previous minute
 
     assert client.post("/api/sessions", headers=bob).status_code == 201  # another key is not slowed
