@@ -114,6 +114,15 @@ def client(app):
 
 
 @pytest.fixture
+def fake_llm(app):
+    """The app's LLM server replaced by one in this process (tests/fake_llm.py):
+    instant answers, queued by the test. For tests not about HTTP streaming."""
+    from fake_llm import FakeLLM
+    app.extensions["upstream"] = fake = FakeLLM()
+    return fake
+
+
+@pytest.fixture
 def runner(app):
     return app.test_cli_runner()
 

@@ -7,6 +7,10 @@ import pytest
 from chatbot.store import make_title
 from helpers import assert_problem
 
+# Replies come from the in-process fake LLM (tests/fake_llm.py): instant, and no
+# directive in the messages, so titles are the users' own words.
+pytestmark = pytest.mark.usefixtures("fake_llm")
+
 
 def new_session(client, **body):
     response = client.post("/api/sessions", json=body)
@@ -31,7 +35,7 @@ def page(client, **params):
 def test_sessions_are_listed_most_recently_active_first(client):
     a, b, c = (new_session(client) for _ in range(3))
     assert page(client) == ([c, b, a], None)
-    chat(client, a, "hello @@words=1")
+    chat(client, a, "hello")
     assert page(client) == ([a, c, b], None)
     client.patch(f"/api/sessions/{b}", json={"title": "renamed"})
     assert page(client) == ([b, a, c], None)
@@ -39,7 +43,7 @@ def test_sessions_are_listed_most_recently_active_first(client):
 
 def test_the_list_carries_whole_session_objects(client):
     sid = new_session(client, metadata={"tag": "x"})
-    chat(client, sid, "hello @@words=1")
+    chat(client, sid, "hello")
     listed = client.get("/api/sessions").json["sessions"][0]
     assert listed == client.get(f"/api/sessions/{sid}").json
     assert set(listed) == {"session_id", "created_at", "last_accessed", "title", "metadata",
@@ -53,7 +57,7 @@ def test_pages_list_every_session_once_while_sessions_move_to_the_top(client):
     assert first == [s[5], s[4]]
     # Meanwhile: a session of a later page and one already seen become active,
     # and a new session appears. The pages that follow keep the first page's order.
-    chat(client, s[1], "hello @@words=1")
+    chat(client, s[1], "hello")
     client.patch(f"/api/sessions/{s[5]}", json={"title": "renamed"})
     late = new_session(client)
     second, cursor = page(client, limit=2, cursor=cursor)
@@ -99,9 +103,9 @@ def test_a_cursor_the_server_did_not_give_is_a_400_problem(client, cursor):
 
 def test_the_first_user_message_gives_the_title(client, session_id):
     assert client.get(f"/api/sessions/{session_id}").json["title"] is None
-    chat(client, session_id, "What is the capital of France? @@words=1")
-    chat(client, session_id, "And of Germany? @@words=1")
-    assert client.get(f"/api/sessions/{session_id}").json["title"] == "What is the capital of France? @@words=1"
+    chat(client, session_id, "What is the capital of France?")
+    chat(client, session_id, "And of Germany?")
+    assert client.get(f"/api/sessions/{session_id}").json["title"] == "What is the capital of France?"
 
 
 def test_long_titles_are_cut_on_a_word_boundary_with_an_ellipsis():
@@ -127,25 +131,25 @@ def test_text_without_spaces_is_cut_between_characters():
 
 
 def test_a_long_first_message_gives_a_short_title(client, session_id):
-    chat(client, session_id, "안녕하세요 " * 20 + "@@words=1")
+    chat(client, session_id, "안녕하세요 " * 20)
     title = client.get(f"/api/sessions/{session_id}").json["title"]
     assert title == "안녕하세요 " * 5 + "안녕하세요…"   # 35 characters: a seventh word would not fit
 
 
 def test_a_title_set_by_the_user_stays(client):
     sid = new_session(client, title="Trip planning")
-    chat(client, sid, "hello @@words=1")
+    chat(client, sid, "hello")
     assert client.get(f"/api/sessions/{sid}").json["title"] == "Trip planning"
     client.patch(f"/api/sessions/{sid}", json={"title": "  Trip \n planning 2 "})
     assert client.get(f"/api/sessions/{sid}").json["title"] == "Trip planning 2"
     # null: back to the title made from the first message
-    assert client.patch(f"/api/sessions/{sid}", json={"title": None}).json["title"] == "hello @@words=1"
+    assert client.patch(f"/api/sessions/{sid}", json={"title": None}).json["title"] == "hello"
 
 
 def test_a_title_reset_before_any_message_is_set_by_the_first_one(client, session_id):
     assert client.patch(f"/api/sessions/{session_id}", json={"title": None}).json["title"] is None
-    chat(client, session_id, "first words @@words=1")
-    assert client.get(f"/api/sessions/{session_id}").json["title"] == "first words @@words=1"
+    chat(client, session_id, "first words")
+    assert client.get(f"/api/sessions/{session_id}").json["title"] == "first words"
 
 
 @pytest.mark.parametrize("title", ["", "   ", "x" * 201, 5])
@@ -173,7 +177,7 @@ def test_patch_and_turns_are_activity_reads_are_not(client, session_id):
     assert client.get(f"/api/sessions/{session_id}").json["last_accessed"] == created
     patched = client.patch(f"/api/sessions/{session_id}", json={"title": "x"}).json["last_accessed"]
     assert patched > created
-    chat(client, session_id, "hello @@words=1")
+    chat(client, session_id, "hello")
     assert client.get(f"/api/sessions/{session_id}").json["last_accessed"] > patched
 
 
@@ -213,28 +217,28 @@ def test_patch_needs_json(client, session_id):
     assert_problem(client.patch(f"/api/sessions/{session_id}", data="title=x"), 415, "unsupported_media_type")
 
 
-def test_the_session_system_prompt_replaces_the_default_in_the_context(app, client, session_id, standin_log):
+def test_the_session_system_prompt_replaces_the_default_in_the_context(app, client, session_id, fake_llm):
     def system_sent():
-        first = standin_log()[-1]["body"]["messages"][0]
+        first = fake_llm.requests[-1]["messages"][0]
         return first["content"] if first["role"] == "system" else None
 
-    chat(client, session_id, "one @@words=1")
+    chat(client, session_id, "one")
     assert system_sent() == app.config["SYSTEM_PROMPT"]
     client.patch(f"/api/sessions/{session_id}", json={"system_prompt": "당신은 해적입니다."})
-    chat(client, session_id, "two @@words=1")
+    chat(client, session_id, "two")
     assert system_sent() == "당신은 해적입니다."
     client.patch(f"/api/sessions/{session_id}", json={"system_prompt": ""})   # none at all
-    chat(client, session_id, "three @@words=1")
+    chat(client, session_id, "three")
     assert system_sent() is None
     client.patch(f"/api/sessions/{session_id}", json={"system_prompt": None})  # the default again
-    chat(client, session_id, "four @@words=1")
+    chat(client, session_id, "four")
     assert system_sent() == app.config["SYSTEM_PROMPT"]
 
 
-def test_a_system_prompt_given_at_creation_is_used(client, standin_log):
+def test_a_system_prompt_given_at_creation_is_used(client, fake_llm):
     sid = new_session(client, system_prompt="Answer in French.")
-    chat(client, sid, "hello @@words=1")
-    assert standin_log()[-1]["body"]["messages"][0] == {"role": "system", "content": "Answer in French."}
+    chat(client, sid, "hello")
+    assert fake_llm.requests[-1]["messages"][0] == {"role": "system", "content": "Answer in French."}
 
 
 # History pages
@@ -242,7 +246,7 @@ def test_a_system_prompt_given_at_creation_is_used(client, standin_log):
 @pytest.fixture
 def six_messages(client, session_id):
     for i in range(3):
-        chat(client, session_id, f"question {i} @@words=1")
+        chat(client, session_id, f"question {i}")
     return client.get(f"/api/sessions/{session_id}/messages").json["messages"]
 
 
@@ -273,7 +277,7 @@ def test_the_history_page_size_is_capped(app, client, session_id, six_messages):
 
 def test_an_unknown_before_is_its_own_404(client, session_id, six_messages):
     other = new_session(client)
-    chat(client, other, "elsewhere @@words=1")
+    chat(client, other, "elsewhere")
     foreign = client.get(f"/api/sessions/{other}/messages").json["messages"][0]["message_id"]
     for before in ("nope", foreign):
         response = client.get(f"/api/sessions/{session_id}/messages", query_string={"before": before})
