@@ -152,3 +152,21 @@ def test_the_grafana_dashboard_shows_every_metric_and_no_other(client):
             for name in re.findall(r"chatbot_[a-z_]+", target["expr"])}
     shown = set(re.findall(r"^# TYPE (\S+) ", client.get("/metrics").get_data(as_text=True), re.M))
     assert used == set(NAMES) and used <= shown
+
+
+def test_resumes_and_idempotent_replays_are_counted(client, session_id):
+    before = scrape(client)
+    body = {"session_id": session_id, "message": "@@words=2"}
+    first = client.post("/api/chat", json=body, headers={"Idempotency-Key": "k-1"})
+    again = client.post("/api/chat", json=body, headers={"Idempotency-Key": "k-1"})
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json == first.json
+    message_id = first.json["message_id"]
+    resumed = client.get(f"/api/sessions/{session_id}/messages/{message_id}/stream?after=0")
+    assert resumed.status_code == 200 and b"event: done" in resumed.get_data()
+    resumed.close()
+    after = scrape(client)
+    assert value(after, "chatbot_idempotent_replays_total") - value(before, "chatbot_idempotent_replays_total") == 1
+    assert value(after, "chatbot_resumes_total") - value(before, "chatbot_resumes_total") == 1
+    # A replay or a re-attach starts no reply.
+    assert (value(after, "chatbot_replies_total", status="complete", finish_reason="stop")
+            - value(before, "chatbot_replies_total", status="complete", finish_reason="stop")) == 1
