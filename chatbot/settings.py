@@ -10,6 +10,7 @@ stops the start with one line that names its variable.
 import json
 from typing import Literal, Optional
 
+import click
 from pydantic import ConfigDict, Field, ValidationError, create_model
 
 from . import DEFAULTS
@@ -22,8 +23,9 @@ CHOICES = {
 AT_LEAST_ONE = {"WORKERS", "THREADS"}
 
 
-class SettingsError(ValueError):
-    """A setting with a value it cannot take; the message names its variable."""
+class SettingsError(click.ClickException, ValueError):
+    """A setting with a value it cannot take; the message names its variable.
+    (A ClickException, so that the flask CLI says it in one line too.)"""
 
 
 SECONDS = ("_TIMEOUT", "_KEEPALIVE", "_SECONDS", "_GRACE")

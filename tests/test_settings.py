@@ -61,3 +61,11 @@ def test_gunicorn_refuses_to_start_with_one_line_naming_the_bad_setting(tmp_path
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("Invalid setting: CHATBOT_LLM_IDLE_TIMEOUT='abc'")
     assert "Traceback" not in done.stderr
+
+
+def test_the_flask_cli_says_it_in_one_line_too(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "CHATBOT_LLM_PROTOCOL": "grpc", "CHATBOT_DATABASE": str(tmp_path / "db.sqlite")}
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "chatbot", "init-db"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: Invalid setting: CHATBOT_LLM_PROTOCOL='grpc'")
