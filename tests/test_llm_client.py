@@ -147,13 +147,19 @@ def test_abort_closes_the_upstream_connection(standin, standin_log):
 @pytest.mark.parametrize("stream", [True, False])
 def test_abort_closes_a_request_still_waiting_for_the_answers_headers(standin, standin_log, protocol, stream):
     c = upstream(standin, protocol).call([{"role": "user", "content": "@@headers=30"}], OPTIONS, stream=stream)
-    threading.Timer(0.5, c.abort).start()
+
+    def abort_once_sent():
+        wait_for(standin_log, timeout=10)   # the upstream has the request, and holds its headers back
+        c.abort()
+    threading.Thread(target=abort_once_sent, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(UpstreamCut):
         c.open()
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 15
     # The upstream saw the connection close: the request left its queue.
     assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)
+
+
 def test_midm_llm_servings_500_with_detail_is_an_upstream_error_with_its_words(standin):
     # its /chat answers a failure as HTTP 500 {"detail": "<why>"}
     with pytest.raises(UpstreamError) as raised:

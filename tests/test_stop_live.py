@@ -68,6 +68,7 @@ def test_a_stop_reaches_an_upstream_that_has_not_answered_yet(server, standin_lo
     sid = server.new_session()
     answer = in_thread(requests.post, f"{server.url}/api/chat/stream",
                        json={"session_id": sid, "message": "@@headers=60"})
-    assert wait_for(lambda: requests.post(f"{server.url}/api/sessions/{sid}/stop").status_code == 202)
+    assert wait_for(lambda: standin_log(), timeout=10)  # the request is upstream, waiting for its headers
+    assert requests.post(f"{server.url}/api/sessions/{sid}/stop").status_code == 202
     assert answer().status_code == 200   # its one event says: stopped before any text
     assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)
