@@ -67,7 +67,7 @@ def create_app(test_config=None):
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    from . import access, chat, db, errors, health, metrics, openapi, requestlog, sessions, ws
+    from . import access, chat, db, errors, health, metrics, openai_api, openapi, requestlog, sessions, ws
     from .llm import Upstream
 
     app.extensions["upstream"] = Upstream(app.config)
@@ -75,7 +75,7 @@ def create_app(test_config=None):
     errors.init_app(app)
     requestlog.init_app(app)
     access.init_app(app)
-    for module in (sessions, chat, health, ws, openapi, metrics):
+    for module in (sessions, chat, health, ws, openapi, metrics, openai_api):
         app.register_blueprint(module.bp)
     ws.sock.init_app(app)
     if str(app.config["WEB_UI"]).lower() not in ("false", "0", "no", "off", ""):

@@ -25,6 +25,35 @@ def fits(system_prompt, new_message, budget):
     return estimate_tokens(system_prompt) + estimate_tokens(new_message) <= budget
 
 
+def fits_messages(messages, budget):
+    """Whether a client's own context can be sent: its system messages and its
+    last message alone fit the budget."""
+    system = [m for m in messages[:-1] if m["role"] == "system"]
+    return count_tokens(system + messages[-1:]) <= budget
+
+
+def trim(messages, budget):
+    """A client's own context (OpenAI-style: any system messages anywhere),
+    within the budget: the system messages and the last message are kept (the
+    caller has checked with fits_messages()), then as many of the latest others
+    as fit, dropped as build() drops them, order unchanged."""
+    last = len(messages) - 1
+    keep = {i for i, m in enumerate(messages) if m["role"] == "system"} | {last}
+    used = count_tokens([messages[i] for i in keep])
+    kept = [last]   # newest first
+    for i in range(last - 1, -1, -1):
+        if i in keep:
+            continue
+        used += estimate_tokens(messages[i]["content"])
+        if used > budget:
+            while len(kept) > 1 and messages[kept[-1]]["role"] == "assistant":
+                kept.pop()
+            break
+        kept.append(i)
+    keep.update(kept)
+    return [m for i, m in enumerate(messages) if i in keep]
+
+
 def build(system_prompt, history, budget):
     """[system] + as many of the latest `history` messages as fit the budget.
 

@@ -149,6 +149,17 @@ def parse_whole(protocol, obj):
     return chunk
 
 
+def midm_finish_reason(usage, max_new_tokens, completion_tokens=None):
+    """midm_LLM_serving says no finish_reason (its `complete` event means only
+    "ended"): a reply that used all of max_new_tokens was cut by that cap
+    ("length"), any other ended ("stop")."""
+    if usage:
+        completion_tokens = usage["completion_tokens"]
+    if completion_tokens is not None and max_new_tokens and completion_tokens >= max_new_tokens:
+        return "length"
+    return "stop"
+
+
 def sse_data(read):
     """Yield the `data` of each Server-Sent Event from `read()` (bytes, b"" at the end).
 
@@ -347,27 +358,40 @@ class Call:
         """Yield the answer's Chunks as they arrive (after open())."""
         r = self._response
         try:
+            midm = self.upstream.protocol == "midm"
             if not self.stream:
                 try:
                     body = r.json()
                 except ValueError:
                     raise UpstreamError("The LLM server's answer is not JSON.") from None
-                yield parse_whole(self.upstream.protocol, body)
+                chunk = parse_whole(self.upstream.protocol, body)
+                if midm and not body.get("finish_reason"):
+                    chunk.finish_reason = midm_finish_reason(chunk.usage, self.body.get("max_new_tokens"),
+                                                             chunk.completion_tokens)
+                yield chunk
                 return
-            finish_reason, typed = None, False
+            finish_reason, typed, completed, usage, counted = None, False, False, None, None
             for data in sse_data(lambda: r.raw.read1(READ_SIZE)):
                 chunk = parse_event(data)
                 if chunk is None:
                     break
                 finish_reason = chunk.finish_reason or finish_reason
                 typed = typed or chunk.kind is not None
+                completed = completed or chunk.kind == "complete"
+                usage = chunk.usage or usage
+                if chunk.completion_tokens is not None:
+                    counted = chunk.completion_tokens
                 yield chunk
-            if self.upstream.protocol == "openai" and finish_reason is None:
+            if not midm and finish_reason is None:
                 # e.g. llama.cpp ends an interrupted stream with [DONE] but no finish_reason
                 raise UpstreamCut("The LLM server ended the stream without a finish_reason.")
-            if typed and finish_reason is None:
+            if typed and not completed:
                 # midm_LLM_serving always ends an answer with `complete` (or `error`)
                 raise UpstreamCut("The LLM server ended the stream without its complete event.")
+            if midm:
+                inferred = midm_finish_reason(usage, self.body.get("max_new_tokens"), counted)
+                if finish_reason is None or inferred == "length":
+                    yield Chunk(finish_reason=inferred)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if self._aborted:
                 return

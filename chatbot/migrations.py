@@ -149,3 +149,19 @@ def resumable_turns(conn):
             PRIMARY KEY (owner, key)
         )""")
     conn.execute("CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at)")
+
+
+@migration
+def add_conversation_hash(conn):
+    # A digest of each session's conversation (store/conversations.py), so that
+    # an OpenAI-style request, which sends the whole conversation and no session
+    # id, finds the session it continues through an index, not a scan.
+    from .store.conversations import conversation_hash
+
+    conn.execute("ALTER TABLE sessions ADD COLUMN conversation_hash TEXT")
+    conn.execute("CREATE INDEX sessions_by_conversation ON sessions (owner, conversation_hash)")
+    for (session_id,) in conn.execute("SELECT session_id FROM sessions").fetchall():
+        rows = conn.execute("SELECT role, content FROM messages WHERE session_id = ? AND status != 'pending'"
+                            " ORDER BY seq", (session_id,)).fetchall()
+        digest = conversation_hash([{"role": r[0], "content": r[1]} for r in rows])
+        conn.execute("UPDATE sessions SET conversation_hash = ? WHERE session_id = ?", (digest, session_id))

@@ -3,6 +3,7 @@ import json
 import unicodedata
 
 from .base import SessionGone, new_id, now_iso, transaction
+from .conversations import conversation_hash
 
 TITLE_CHARS = 40          # length of a title made from the first message, in characters
 
@@ -74,10 +75,10 @@ def create_session(db, metadata, title=None, system_prompt=None, created_at=None
     session_id, now = new_id(), now_iso()
     with transaction(db):
         db.execute(
-            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata, title, system_prompt, owner)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata, title, system_prompt, owner,"
+            " conversation_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (session_id, created_at or now, now, json.dumps(metadata, ensure_ascii=False), title,
-             system_prompt, owner),
+             system_prompt, owner, conversation_hash(messages)),
         )
         for m in messages:
             db.execute(
