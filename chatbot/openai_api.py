@@ -224,7 +224,7 @@ def chat_completions():
     first = next(e for e in events if e[0] != "idle")
     if first[0] == "error":
         raise turn_error(first[1])
-    return Response(sse(first, events, include_usage, current_app.config["SSE_KEEPALIVE"]),
+    return Response(sse(first, events, model_name(), include_usage, current_app.config["SSE_KEEPALIVE"]),
                     mimetype="text/event-stream",
                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -252,7 +252,7 @@ def frame(data, position=None):
     return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
 
 
-def sse(first, events, include_usage, keepalive):
+def sse(first, events, model, include_usage, keepalive):
     """Frame a turn's events as OpenAI's chunks. Each text chunk's `id:` is the
     reply's length so far in code points, as on /api/chat/stream (the
     contract's positions), so our own clients can re-attach."""
@@ -274,7 +274,7 @@ def sse(first, events, include_usage, keepalive):
                 out = b": keep-alive\n\n"
             elif kind == "start":
                 base = {"id": f"chatcmpl-{value['message_id']}", "object": "chat.completion.chunk",
-                        "created": int(time.time()), "model": model_name()}
+                        "created": int(time.time()), "model": model}
                 out = frame(chunk({"role": "assistant", "content": ""}))
             elif kind == "delta":
                 position += len(value)
