@@ -159,7 +159,7 @@ def add_conversation_hash(conn):
     from .store.conversations import conversation_hash
 
     conn.execute("ALTER TABLE sessions ADD COLUMN conversation_hash TEXT")
-    conn.execute("CREATE INDEX sessions_by_conversation ON sessions (owner, conversation_hash)")
+    conn.execute("CREATE INDEX sessions_by_conversation ON sessions (owner, conversation_hash, activity_seq)")
     for (session_id,) in conn.execute("SELECT session_id FROM sessions").fetchall():
         rows = conn.execute("SELECT role, content FROM messages WHERE session_id = ? AND status != 'pending'"
                             " ORDER BY seq", (session_id,)).fetchall()

@@ -80,6 +80,18 @@ class CompletionRequest(Loose):
     response_format: Optional[dict[str, Any]] = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: Optional[str]
+
+
+class OpenAIError(BaseModel):
+    """An error on /v1 paths, in OpenAI's shape (the SDKs read it)."""
+    error: ErrorDetail
+
+
 def unsupported(param, what):
     return ApiError(400, "unsupported_feature", f"{what} not supported by this server.", param=param)
 

@@ -15,6 +15,7 @@ from .access import public
 from .models import (ChatRequest, Conversation, CreateSession, ExportQuery, Health, Message, MessageList,
                      MessagesQuery, PatchSession, Problem, Session, SessionList, SessionsQuery, Stopped,
                      StreamDelta, StreamDone, StreamError, StreamStart)
+from .openai_api import CompletionRequest, OpenAIError
 
 bp = Blueprint("openapi", __name__, url_prefix="/api")
 
@@ -27,9 +28,10 @@ class Op:
     endpoint (401 and 429 with keys; 400, 413, 415 and 422 with a body; 422
     with a query)."""
 
-    def __init__(self, summary, ok, body=None, body_required=True, query=None, errors=(), tags=()):
+    def __init__(self, summary, ok, body=None, body_required=True, query=None, errors=(), tags=(), openai=False):
         self.summary, self.ok, self.body, self.body_required = summary, ok, body, body_required
         self.query, self.errors, self.tags = query, errors, tags
+        self.openai = openai   # OpenAI's shapes (chatbot/openai_api.py): errors are OpenAIError, 422 is 400
 
 
 UPSTREAM = (502, 503, 504)
@@ -66,6 +68,12 @@ OPERATIONS = {
                      errors=(400,), tags=["chat"]),
     "health.health": Op("Health of the database and the LLM server", (200, Health, "ok or degraded"),
                         errors=(503,), tags=["service"]),
+    "openai_api.models": Op("OpenAI-compatible: the model that answers", (200, "document", "OpenAI's model list"),
+                            tags=["openai"], openai=True),
+    "openai_api.chat_completions": Op(
+        "OpenAI-compatible chat completion, whole or streamed; the session comes back in X-Session-Id",
+        (200, "completion", "OpenAI's chat.completion, or chat.completion.chunk events then [DONE]"),
+        body=CompletionRequest, errors=(404, 409, 429) + UPSTREAM, tags=["openai"], openai=True),
     "openapi.openapi": Op("This description", (200, "document", "OpenAPI 3.1"), tags=["service"]),
     "metrics.metrics": Op("Prometheus metrics of every worker of this host (the metrics token, or loopback)",
                           (200, "prometheus", "Prometheus text format"), errors=(401,), tags=["service"]),
@@ -89,13 +97,19 @@ ERROR_TEXT = {
     503: "The LLM server cannot be reached (upstream_unavailable)",
     504: "The LLM server did not answer in time (upstream_timeout)",
 }
+OPENAI_ERROR_TEXT = {
+    400: "The body is not valid (invalid_json, validation_error, invalid_request), asks for what this server"
+         " does not do (unsupported_feature), or its last message does not fit the context budget"
+         " (context_length_exceeded)",
+    409: "A reply is being generated in the session (generation_in_progress); x-should-retry: false",
+}
 HEADERS = {
     401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     429: {"Retry-After": {"required": True, "description": "seconds", "schema": {"type": "string"}}},
 }
-REQUEST_MODELS = (CreateSession, PatchSession, ChatRequest, Conversation)
+REQUEST_MODELS = (CreateSession, PatchSession, ChatRequest, Conversation, CompletionRequest)
 RESPONSE_MODELS = (Session, SessionList, Message, MessageList, Stopped, Health, Problem, StreamStart,
-                   StreamDelta, StreamDone, StreamError)
+                   StreamDelta, StreamDone, StreamError, OpenAIError)
 
 
 def _ref(model):
@@ -134,6 +148,9 @@ def _responses(op, endpoint, secured):
         # The document an import takes back, or Markdown to read.
         ok["content"] = {"application/json": {"schema": _ref(Conversation)},
                          "text/markdown": {"schema": {"type": "string"}}}
+    elif model == "completion":
+        ok["content"] = {"application/json": {"schema": {"type": "object"}},
+                         "text/event-stream": {"schema": {"type": "object"}}}
     elif model == "document":
         ok["content"] = {"application/json": {"schema": {"type": "object"}}}
     elif model == "prometheus":
@@ -143,6 +160,11 @@ def _responses(op, endpoint, secured):
     responses = {str(status): ok}
     errors = (set(op.errors) | (set(BODY_ERRORS) if op.body else set()) | ({422} if op.query else set())
               | ({401, 429} if secured else set()))
+    if op.openai:
+        return {**responses, **{str(code): {"description": OPENAI_ERROR_TEXT.get(code, ERROR_TEXT[code]),
+                                            "content": {"application/json": {"schema": _ref(OpenAIError)}},
+                                            **({"headers": HEADERS[code]} if code in HEADERS else {})}
+                                for code in sorted(errors - {422} | ({400} if op.body else set()))}}
     for code in sorted(errors):
         if endpoint == "health.health" and code == 503:
             responses["503"] = {"description": "The database is unusable",
