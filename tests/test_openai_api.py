@@ -127,3 +127,17 @@ def test_without_a_key_v1_is_a_401_in_openais_shape(make_app):
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     # Our own paths keep problem+json.
     assert client.get("/api/sessions").mimetype == "application/problem+json"
+
+
+def test_an_upstream_timeout_is_a_504_or_an_error_chunk_and_the_reply_is_stored(make_app):
+    app = make_app(LLM_FIRST_TOKEN_TIMEOUT=0.5)
+    client = app.test_client()
+    openai_error(complete(client, [user("@@words=2 @@first=3")]), 504, "upstream_timeout")
+    # Streamed: the stand-in sends its headers at once, so the stream has started.
+    streamed = complete(client, [user("@@words=2 @@first=3")], stream=True)
+    assert streamed.status_code == 200
+    last = streamed.data.decode().strip().split("\n\n")[-1]
+    assert '"code": "upstream_timeout"' in last and "[DONE]" not in streamed.data.decode()
+    replies = rows(app.config["DATABASE"], "SELECT status, error FROM messages WHERE role = 'assistant'")
+    assert [r["status"] for r in replies] == ["failed", "failed"]
+    assert all("upstream_timeout" in r["error"] for r in replies)
