@@ -217,8 +217,10 @@ def chat_completions():
     try:
         turn = start_turn(chat_request(session_id, body, messages), stream=body.stream,
                           client_gone=client_watcher(request.environ), messages=messages)
-    except BaseException:
-        if new:  # nothing was said in it: leave no empty copy of the conversation behind
+    except ApiError:
+        # Refused before its user message was stored (budget, limits): a new
+        # session would be an unasked-for copy of the conversation.
+        if new:
             store.delete_session(get_db(), session_id, current_owner())
             g.session_id = None
         raise
