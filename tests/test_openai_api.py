@@ -141,3 +141,15 @@ def test_an_upstream_timeout_is_a_504_or_an_error_chunk_and_the_reply_is_stored(
     replies = rows(app.config["DATABASE"], "SELECT status, error FROM messages WHERE role = 'assistant'")
     assert [r["status"] for r in replies] == ["failed", "failed"]
     assert all("upstream_timeout" in r["error"] for r in replies)
+
+
+def test_an_upgraded_databases_conversations_are_found(tmp_path, standin):
+    from chatbot import create_app
+    from test_upgrade_conversations import FIRST, first_schema_database
+
+    path = tmp_path / "old.sqlite"
+    first_schema_database(path)   # s-old: FIRST, its answer, then "고마워요" whose reply failed
+    client = create_app({"TESTING": True, "DATABASE": str(path), "LLM_URL": standin, "AUTH": "disabled"}) \
+        .test_client()
+    answer = complete(client, [user(FIRST), assistant("KTX가 가장 빠릅니다."), user("고마워요 @@words=1")])
+    assert answer.status_code == 200 and answer.headers["X-Session-Id"] == "s-old"

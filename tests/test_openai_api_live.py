@@ -308,7 +308,7 @@ def test_an_llm_that_is_down_a_rate_limit_and_the_user_message_stored_first(star
 
 def test_a_client_that_leaves_mid_stream_leaves_an_incomplete_reply(front, key, standin_log):
     stream = SSEStream(front.url, "/v1/chat/completions",
-                       {"model": "x", "messages": [user("@@words=400 @@delay=0.02")], "stream": True},
+                       {"model": "x", "messages": [user("@@words=2000 @@delay=0.02")], "stream": True},
                        headers=bearer(key))
     session_id = stream.headers["X-Session-Id"]
     blocks = stream.events()
@@ -319,7 +319,7 @@ def test_a_client_that_leaves_mid_stream_leaves_an_incomplete_reply(front, key, 
         found = rows(front.db_path, "SELECT content, status, finish_reason FROM messages WHERE session_id = ?"
                      " AND role = 'assistant' AND status != 'pending'", session_id)
         return found[0] if found else None
-    assert wait_for(reply, timeout=10)["finish_reason"] == "client_gone"
+    assert wait_for(reply, timeout=20)["finish_reason"] == "client_gone"
     assert reply()["status"] == "incomplete" and reply()["content"]
     assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled")
 
