@@ -58,6 +58,7 @@ TURN_STATUS = {
     "session_not_found": 404, "message_not_found": 404, "generation_in_progress": 409,
     "nothing_to_regenerate": 409, "nothing_to_stop": 409, "too_many_streams": 429, "validation_error": 422,
     "idempotency_key_reused": 422, "invalid_idempotency_key": 400, "invalid_position": 400,
+    "context_length_exceeded": 400,
 }
 
 

@@ -22,9 +22,8 @@ from typing import Annotated, Any, Optional, Union
 from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
-from . import store
+from . import store, turns
 from .access import current_owner
-from .chat import start_turn, turn_error
 from .db import get_db
 from .errors import ApiError
 from .generation import client_watcher
@@ -175,13 +174,20 @@ def chat_request(session_id, body, messages):
 
 # --- the session a request continues -----------------------------------------------
 
-def pick_session(conversation):
+def pick_session(conversation, key):
     """(session id, whether it is new) for a request whose earlier messages
     (system ones left out) are `conversation`."""
     pinned = request.headers.get(SESSION_HEADER)
     if pinned:
         return session_or_404(pinned.strip())["session_id"], False
     db = get_db()
+    if key is not None:
+        # A retry with its Idempotency-Key belongs to the session its first try
+        # started in (whose conversation has moved on since); turns.chat then
+        # replays that turn.
+        earlier = store.idempotent_turn(db, current_owner(), key, current_app.config["IDEMPOTENCY_TTL"])
+        if earlier:
+            return earlier["session_id"], False
     found = store.find_by_conversation(db, current_owner(), conversation)
     if found:
         return found, False
@@ -212,32 +218,37 @@ def chat_completions():
     body = parse_body(CompletionRequest)
     refuse_unsupported(body)
     messages = context_of(body)
-    session_id, new = pick_session([m for m in messages[:-1] if m["role"] != "system"])
+    key = turns.idempotency_key(request.headers.get("Idempotency-Key"))
+    session_id, new = pick_session([m for m in messages[:-1] if m["role"] != "system"], key)
     g.session_id = session_id
     try:
-        turn = start_turn(chat_request(session_id, body, messages), stream=body.stream,
-                          client_gone=client_watcher(request.environ), messages=messages)
-    except ApiError:
+        events, replayed = turns.chat(chat_request(session_id, body, messages), current_owner(), key,
+                                      stream=body.stream, client_gone=client_watcher(request.environ),
+                                      upstream_messages=messages)
+    except (ApiError, turns.TurnRefused):
         # Refused before its user message was stored (budget, limits): a new
         # session would be an unasked-for copy of the conversation.
         if new:
             store.delete_session(get_db(), session_id, current_owner())
             g.session_id = None
         raise
-    events = turn.events()
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    headers = {SESSION_HEADER: session_id}
+    headers = {SESSION_HEADER: session_id, **({"Idempotent-Replayed": "true"} if replayed else {})}
     if not body.stream:
-        for kind, value in events:
+        for kind, value, _ in events:
             if kind == "done":
                 return completion(value), headers
             if kind == "error":
-                raise turn_error(value)
+                raise turns.failed(value, replayed)
+        raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
     # As /api/chat/stream: the upstream is asked before the response starts, so
     # that one that cannot be reached or refuses is a plain error answer.
-    first = next(e for e in events if e[0] != "idle")
+    first = next((e for e in events if e[0] != "idle"), None)
+    if first is None:
+        raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
     if first[0] == "error":
-        raise turn_error(first[1])
+        events.close()
+        raise turns.failed(first[1], replayed)
     return Response(sse(first, events, model_name(), include_usage, current_app.config["SSE_KEEPALIVE"]),
                     mimetype="text/event-stream",
                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -267,10 +278,11 @@ def frame(data, position=None):
 
 
 def sse(first, events, model, include_usage, keepalive):
-    """Frame a turn's events as OpenAI's chunks. Each text chunk's `id:` is the
-    reply's length so far in code points, as on /api/chat/stream (the
-    contract's positions), so our own clients can re-attach."""
-    base, position = None, 0
+    """Frame a reply's events as OpenAI's chunks. Each text chunk's `id:` is the
+    reply's length so far in code points (the engine's positions, as on
+    /api/chat/stream), so our own clients can re-attach
+    (GET /api/sessions/{id}/messages/{message_id}/stream)."""
+    base = None
     last_write = time.monotonic()
 
     def chunk(delta, finish_reason=None):
@@ -281,7 +293,7 @@ def sse(first, events, model, include_usage, keepalive):
         return data
 
     try:
-        for kind, value in itertools.chain([first], events):
+        for kind, value, position in itertools.chain([first], events):
             if kind == "idle":
                 if time.monotonic() - last_write < keepalive:
                     continue
@@ -291,7 +303,6 @@ def sse(first, events, model, include_usage, keepalive):
                         "created": int(time.time()), "model": model}
                 out = frame(chunk({"role": "assistant", "content": ""}))
             elif kind == "delta":
-                position += len(value)
                 out = frame(chunk({"content": value}), position)
             elif kind == "done":
                 out = frame(chunk({}, value["finish_reason"]), position)
@@ -299,12 +310,13 @@ def sse(first, events, model, include_usage, keepalive):
                     out += frame({**base, "choices": [], "usage": usage_of(value)})
                 out += b"data: [DONE]\n\n"
             else:  # error, after the start: the SDKs raise on a chunk that carries "error"
-                out = frame({"error": {"message": value["detail"], "type": error_type(value["status"]),
+                status = value.get("status", 502)
+                out = frame({"error": {"message": value["detail"], "type": error_type(status),
                                        "code": value["code"], "param": None}}, position)
             last_write = time.monotonic()
             yield out
     finally:
-        events.close()  # a client that left: the turn closes the upstream and stores the text
+        events.close()  # a client that left: the reply goes on for the grace period, or to its end
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------

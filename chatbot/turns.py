@@ -51,10 +51,13 @@ def idempotency_key(raw):
     return key
 
 
-def fingerprint(body):
-    """What makes two requests with one idempotency key the same request."""
+def fingerprint(body, upstream_messages=None):
+    """What makes two requests with one idempotency key the same request (with
+    the OpenAI door, the context its client sent too)."""
     fields = body.model_dump(include={"session_id", "message", "regenerate", "max_new_tokens", "temperature",
                                       "do_sample"})
+    if upstream_messages is not None:
+        fields["upstream_messages"] = upstream_messages
     return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -68,7 +71,7 @@ def chat(body, owner, key=None, *, stream=True, client_gone=None, upstream_messa
     cfg, conn = current_app.config, get_db()
     claim = None
     if key is not None:
-        claim = (owner, key, fingerprint(body))
+        claim = (owner, key, fingerprint(body, upstream_messages))
         earlier = store.idempotent_turn(conn, owner, key, cfg["IDEMPOTENCY_TTL"])
         if earlier:
             return _replay(earlier, claim, owner, client_gone), True
@@ -81,7 +84,11 @@ def chat(body, owner, key=None, *, stream=True, client_gone=None, upstream_messa
     text = store.last_user_message(conn, body.session_id) if body.regenerate else body.message
     if text is None:
         raise nothing_to_regenerate()
-    if upstream_messages is None and not context.fits(system_prompt, text, budget):
+    if upstream_messages is not None:
+        if not context.fits_messages(upstream_messages, budget):
+            raise TurnRefused("context_length_exceeded", f"The last message, with the system messages, is longer"
+                                                         f" than the context budget of {budget} tokens.")
+    elif not context.fits(system_prompt, text, budget):
         field = "regenerate" if body.regenerate else "message"
         raise TurnRefused("validation_error", "The message does not fit the context budget.",
                           errors=[{"field": field, "detail": f"with the system prompt, longer than the context"
@@ -104,7 +111,10 @@ def chat(body, owner, key=None, *, stream=True, client_gone=None, upstream_messa
     if "existing" in ids:  # the same key won a race with us a moment ago
         return _replay(ids["existing"], claim, owner, client_gone), True
     try:
-        messages = upstream_messages or context.build(system_prompt, store.history(conn, body.session_id), budget)
+        if upstream_messages is None:
+            messages = context.build(system_prompt, store.history(conn, body.session_id), budget)
+        else:
+            messages = context.trim(upstream_messages, budget)
         turn = Turn(cfg, current_app.extensions["upstream"], body.session_id, ids, messages, body.options(),
                     stream=stream, keep_going=body.on_disconnect == "continue").start()
     except BaseException:
