@@ -347,3 +347,66 @@ def test_a_plain_completion_answers_while_another_streams(front, key):
     assert sdk(front, key).chat.completions.create(model="x", messages=[user("@@words=2")]).choices[0] \
         .message.content == words(2)
     assert "".join(c.choices[0].delta.content or "" for c in waiting() if c.choices) == words(20)
+
+
+def test_an_idempotency_key_replays_the_turn_instead_of_a_second_generation(front, key, standin_log):
+    client = sdk(front, key)
+    calls_before = len(standin_log())
+    first = client.chat.completions.with_raw_response.create(
+        model="x", messages=[user("@@words=3")], extra_headers={"Idempotency-Key": "turn-1"})
+    again = client.chat.completions.with_raw_response.create(
+        model="x", messages=[user("@@words=3")], extra_headers={"Idempotency-Key": "turn-1"})
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert again.headers["X-Session-Id"] == first.headers["X-Session-Id"]
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content == words(3)
+    assert len(standin_log()) == calls_before + 1   # one generation
+    assert len(stored(front, first.headers["X-Session-Id"])) == 2
+    # Streamed, the replay is the whole turn again.
+    replayed = list(client.chat.completions.create(model="x", messages=[user("@@words=3")], stream=True,
+                                                   extra_headers={"Idempotency-Key": "turn-1"}))
+    assert "".join(c.choices[0].delta.content or "" for c in replayed if c.choices) == words(3)
+    # The same key for another request is refused, as on our own API.
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="x", messages=[user("@@words=4")],
+                                       extra_headers={"Idempotency-Key": "turn-1"})
+    assert raised.value.code == "idempotency_key_reused"
+
+
+def test_a_retry_with_its_key_attaches_to_the_running_turn(front, key, standin_log):
+    body = {"model": "x", "messages": [user("@@words=30 @@delay=0.05")], "stream": True}
+    headers = {**bearer(key), "Idempotency-Key": "running-1"}
+    first = SSEStream(front.url, "/v1/chat/completions", body, headers=headers)
+    next(first.events())
+    calls = len(standin_log())
+    second = SSEStream(front.url, "/v1/chat/completions", body, headers=headers)   # no 409
+    assert second.status == 200 and second.headers["X-Session-Id"] == first.headers["X-Session-Id"]
+    text = "".join(json.loads(b.split("data: ", 1)[1])["choices"][0]["delta"].get("content") or ""
+                   for _, b, _ in second.events() if "data: {" in b and '"choices": [{' in b)
+    assert text == words(30) and len(standin_log()) == calls
+    first.close()
+
+
+def test_our_own_clients_reattach_with_the_positions_of_a_v1_stream(front, key):
+    stream = SSEStream(front.url, "/v1/chat/completions",
+                       {"model": "x", "messages": [user("@@words=40 @@delay=0.02")], "stream": True},
+                       headers=bearer(key))
+    blocks = stream.events()
+    received, position, message_id = "", None, None
+    for _, block, _ in blocks:
+        if "data: {" not in block:   # a keep-alive comment
+            continue
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        chunk = json.loads(lines["data"])
+        message_id = chunk["id"].removeprefix("chatcmpl-")
+        received += chunk["choices"][0]["delta"].get("content") or ""
+        if "id" in lines:
+            position = int(lines["id"])
+            if position > 10:
+                break
+    stream.close()   # the connection drops mid-answer
+    session_id = stream.headers["X-Session-Id"]
+    rest = SSEStream(front.url, f"/api/sessions/{session_id}/messages/{message_id}/stream?after={position}",
+                     headers=bearer(key))
+    events = list(rest.events())
+    assert events[-1][0] == "done"
+    assert received + "".join(e[1]["content"] for e in events if e[0] == "delta") == words(40)
