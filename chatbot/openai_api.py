@@ -3,7 +3,7 @@
 Clients written for OpenAI's chat-completions API (the official SDKs, Open
 WebUI, LibreChat, Continue) use the backend as it is, with its keys, limits,
 stored conversations and stop. A request runs the same turn as /api/chat and
-/api/chat/stream (chat.start_turn); only the framing is OpenAI's.
+/api/chat/stream (turns.chat); only the framing is OpenAI's.
 
 The request's messages are the context sent upstream (the client owns it).
 The new user message and the reply are stored in a session of the caller: the
