@@ -151,12 +151,16 @@ class Turn:
         try:
             message = store.when_not_busy(store.finish_turn, conn, self.session_id, self.reply_id, self.fence,
                                           text, status, usage, finish_reason, error)
-            # The session's conversation digest follows every turn, so that an
-            # OpenAI-style request that continues it finds it (store/conversations.py).
-            store.when_not_busy(store.refresh_conversation_hash, conn, self.session_id)
         except Exception:
             log.exception("turn %s: the reply could not be stored", self.reply_id)
             message = None
+        try:
+            # The session's conversation digest follows every turn, so that an
+            # OpenAI-style request that continues it finds it (store/conversations.py).
+            if message is not None:
+                store.when_not_busy(store.refresh_conversation_hash, conn, self.session_id)
+        except Exception:   # the reply is stored: a stale digest only means a new session later
+            log.exception("turn %s: the conversation digest could not be refreshed", self.reply_id)
         finally:
             conn.close()
             MONITOR.remove(self)

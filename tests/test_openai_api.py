@@ -153,3 +153,23 @@ def test_an_upgraded_databases_conversations_are_found(tmp_path, standin):
         .test_client()
     answer = complete(client, [user(FIRST), assistant("KTX가 가장 빠릅니다."), user("고마워요 @@words=1")])
     assert answer.status_code == 200 and answer.headers["X-Session-Id"] == "s-old"
+
+
+def test_v1_requests_and_turns_are_in_the_metrics(client):
+    from test_metrics import scrape, value
+
+    before = scrape(client)
+    reply = complete(client, [user("@@words=3")], stream=True)
+    assert reply.status_code == 200 and reply.get_data().endswith(b"data: [DONE]\n\n")
+    reply.close()
+    refused = complete(client, [user("hi")], n=2)
+    openai_error(refused, 400, "unsupported_feature")
+    refused.close()   # the request is counted when its response closes
+    after = scrape(client)
+
+    def grew(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+    assert grew("chatbot_replies_total", status="complete", finish_reason="stop") == 1
+    assert grew("chatbot_tokens_total", type="output") == 3
+    assert grew("chatbot_http_requests_total", method="POST", route="/v1/chat/completions", status="200") == 1
+    assert grew("chatbot_http_requests_total", method="POST", route="/v1/chat/completions", status="400") == 1
