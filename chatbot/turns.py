@@ -44,6 +44,8 @@ def idempotency_key(raw):
     """The key of an Idempotency-Key header (or frame field), or None without one."""
     if raw is None:
         return None
+    if not isinstance(raw, str):  # a WebSocket frame's field may be any JSON value
+        raise TurnRefused("invalid_idempotency_key", "An Idempotency-Key is a string.")
     key = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] == '"' else raw
     if not 1 <= len(key) <= 255 or not all("!" <= c <= "~" for c in key):
         raise TurnRefused("invalid_idempotency_key",
