@@ -403,3 +403,61 @@ def test_after_the_ttl_the_same_key_starts_a_new_turn(start_server, standin_log)
     # ...and the new turn holds the key from now on.
     third = chat(server, body, key)
     assert third.headers.get(REPLAYED) == "true" and third.json() == again.json()
+
+
+# --- across processes, at once, regenerate ------------------------------------------
+
+def test_a_retry_through_another_process_attaches_to_the_running_turn(start_server, tmp_path, standin_log):
+    # Two servers on one database: the retry is certainly served by another
+    # process than the producer's, and follows the reply through the database.
+    db_path = tmp_path / "shared.sqlite"
+    producer, other = start_server(db_path), start_server(db_path)
+    sid, key, marker = producer.new_session(), new_key(), uuid.uuid4().hex
+    body = {"session_id": sid, "message": f"{marker} @@words=40 @@delay=0.05"}
+    first = stream(producer, body, key)
+    events = first.events()
+    start = next(events)
+    assert next(events)[0] == "delta"
+    second = stream(other, body, key)
+    assert second.status == 200
+    attached = list(second.events())
+    assert attached[0] == ("start", start[1], attached[0][2])
+    done = message_of(attached[-1][1])
+    assert attached[-1][0] == "done" and done["status"] == "complete"
+    assert deltas(attached) == done["content"]
+    assert message_of(list(events)[-1][1]) == done
+    answer = chat(other, body, key)  # and /api/chat, once it is over, from the other process too
+    assert answer.headers[REPLAYED] == "true" and answer.json() == done
+    assert len(generations(standin_log, marker)) == 1
+
+
+def test_requests_with_one_key_at_once_share_one_generation(live_server, standin_log):
+    sid, key, marker = live_server.new_session(), new_key(), uuid.uuid4().hex
+    body = {"session_id": sid, "message": f"{marker} @@words=10 @@delay=0.05"}
+
+    def one(path):
+        answer = chat(live_server, body, key, path=path)
+        return answer.status_code, answer.text
+
+    waits = [in_thread(one, path) for path in ["/api/chat/stream", "/api/chat"] * 4]
+    answers = [wait() for wait in waits]
+    assert [status for status, _ in answers] == [200] * len(answers), answers
+    assert len(generations(standin_log, marker)) == 1
+    replies = stored_messages(live_server.db_path, sid)
+    assert [m["role"] for m in replies] == ["user", "assistant"]
+    content = replies[-1]["content"]
+    for status, text in answers:
+        assert json.dumps(content, ensure_ascii=False)[1:-1] in text
+
+
+def test_a_retried_regenerate_replays_instead_of_regenerating_again(live_server, standin_log):
+    sid, key, marker = live_server.new_session(), new_key(), uuid.uuid4().hex
+    original = chat(live_server, {"session_id": sid, "message": f"{marker} @@words=3"}).json()
+    body = {"session_id": sid, "regenerate": True}
+    first = chat(live_server, body, key)
+    assert first.status_code == 200 and first.json()["message_id"] != original["message_id"]
+    again = chat(live_server, body, key)
+    assert again.status_code == 200 and again.headers[REPLAYED] == "true"
+    assert again.json() == first.json()
+    assert len(generations(standin_log, marker)) == 2  # the turn and one regenerate
+    assert [m["message_id"] for m in stored_messages(live_server.db_path, sid)][-1] == first.json()["message_id"]
