@@ -27,8 +27,8 @@ def finished_turn(server, headers=None, message="@@words=6"):
     return sid, user["message_id"], answer.json()
 
 
-def sse_events(text):
-    """The (event, data, id) of an SSE body read whole."""
+def events_with_ids(text):
+    """The (event, data, id) of an SSE body read whole (helpers.sse_events leaves the ids out)."""
     events = []
     for block in text.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.split("\n") if line and not line.startswith(":"))
@@ -47,7 +47,7 @@ def test_a_finished_reply_can_be_followed_from_a_position(live_server, turn):
     sid, _, reply = turn
     answer = resume(live_server, sid, reply["message_id"], {"after": "5"})
     assert answer.status_code == 200 and answer.headers["Content-Type"].startswith("text/event-stream")
-    events = sse_events(answer.text)
+    events = events_with_ids(answer.text)
     assert events[0][0] == "start" and events[-1][0] == "done"
     assert "".join(d["content"] for e, d, _ in events if e == "delta") == reply["content"][5:]
     assert events[-1][2] == str(len(reply["content"]))
@@ -106,14 +106,14 @@ def test_last_event_id_gives_the_position(live_server, turn):
     sid, _, reply = turn
     answer = resume(live_server, sid, reply["message_id"], headers={"Last-Event-ID": "7"})
     assert answer.status_code == 200
-    assert "".join(d["content"] for e, d, _ in sse_events(answer.text) if e == "delta") == reply["content"][7:]
+    assert "".join(d["content"] for e, d, _ in events_with_ids(answer.text) if e == "delta") == reply["content"][7:]
 
 
 def test_after_wins_over_last_event_id(live_server, turn):
     sid, _, reply = turn
     answer = resume(live_server, sid, reply["message_id"], {"after": "3"}, {"Last-Event-ID": "10"})
     assert answer.status_code == 200
-    assert "".join(d["content"] for e, d, _ in sse_events(answer.text) if e == "delta") == reply["content"][3:]
+    assert "".join(d["content"] for e, d, _ in events_with_ids(answer.text) if e == "delta") == reply["content"][3:]
     # A malformed Last-Event-ID is not even read when ?after is there...
     answer = resume(live_server, sid, reply["message_id"], {"after": "3"}, {"Last-Event-ID": "garbage"})
     assert answer.status_code == 200
@@ -125,7 +125,7 @@ def test_after_wins_over_last_event_id(live_server, turn):
 def test_a_position_at_or_past_the_end_of_a_finished_reply_gets_only_its_end(live_server, turn):
     sid, _, reply = turn
     for after in (len(reply["content"]), len(reply["content"]) + 100):
-        events = sse_events(resume(live_server, sid, reply["message_id"], {"after": str(after)}).text)
+        events = events_with_ids(resume(live_server, sid, reply["message_id"], {"after": str(after)}).text)
         assert [e for e, _, _ in events] == ["start", "done"]
 
 
@@ -137,7 +137,7 @@ def test_a_running_reply_can_be_followed_by_a_second_client(live_server):
     start = next(events)
     answer = resume(live_server, sid, start[1]["message_id"], {"after": "0"})
     assert answer.status_code == 200
-    attached = sse_events(answer.text)
+    attached = events_with_ids(answer.text)
     rest = list(events)
     assert attached[-1][0] == "done"
     assert "".join(d["content"] for e, d, _ in attached if e == "delta") == deltas(rest) == attached[-1][1]["content"]
