@@ -102,8 +102,12 @@ def check_request():
     if limit and not is_retry():
         wait = store.take_request(get_db(), g.owner, limit, 60)
         if wait:
-            raise ApiError(429, "rate_limited", f"More than {limit} requests per minute with this key.",
-                           headers={"Retry-After": str(wait)})
+            raise rate_limited(limit, wait)
+
+
+def rate_limited(limit, wait):
+    return ApiError(429, "rate_limited", f"More than {limit} requests per minute with this key.",
+                    headers={"Retry-After": str(wait)})
 
 
 def is_retry():

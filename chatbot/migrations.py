@@ -165,3 +165,16 @@ def add_conversation_hash(conn):
                             " ORDER BY seq", (session_id,)).fetchall()
         digest = conversation_hash([{"role": r[0], "content": r[1]} for r in rows])
         conn.execute("UPDATE sessions SET conversation_hash = ? WHERE session_id = ?", (digest, session_id))
+
+
+@migration
+def add_open_sockets(conn):
+    # One row per open WebSocket, a lease renewed while it lives: the per-key
+    # cap on open sockets (CHATBOT_MAX_SOCKETS_PER_KEY) counts them across workers.
+    conn.execute("""
+        CREATE TABLE open_sockets (
+            socket_id  TEXT PRIMARY KEY,
+            owner      TEXT NOT NULL,
+            expires_at REAL NOT NULL
+        )""")
+    conn.execute("CREATE INDEX open_sockets_by_owner ON open_sockets (owner, expires_at)")

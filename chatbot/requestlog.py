@@ -19,6 +19,8 @@ def start_clock():
 def log_request(response):
     """Log the request as one JSON line when the response is closed, never with
     the key or, unless LOG_CONTENT is on, with what was said; and count it."""
+    if g.get("skip_request_log"):
+        return response   # a WebSocket writes its own lines (chatbot/sockets.py)
     fields = {
         "method": request.method,
         "path": request.path,

@@ -13,9 +13,11 @@ from flask_sock import Sock
 from . import turns
 from .errors import ApiError
 from .models import ChatRequest, checked_text, parse
+from .sockets import GuardedSocket, init_blueprint
 
 bp = Blueprint("ws", __name__, url_prefix="/api")
 sock = Sock()
+init_blueprint(bp)   # frame size, sockets per key, idle timeout (chatbot/sockets.py)
 FRAME_TYPES = ("chat", "stop", "resume")
 
 
@@ -53,20 +55,32 @@ def events_for(frame, client_gone):
 
 
 @sock.route("/chat/ws", bp=bp)
-def chat_ws(ws):
+def chat_ws(raw_ws):
+    ws = GuardedSocket(raw_ws)   # the socket's limits and log lines (chatbot/sockets.py)
+
     def send(frame):
         ws.send(json.dumps(frame, ensure_ascii=False))
 
-    while True:
-        try:
-            frame = read_frame(ws.receive())
-            if frame["type"] == "stop":
-                raise ApiError(409, "nothing_to_stop", "No reply is being generated on this socket.")
-            events, session_id = events_for(frame, lambda: not ws.connected)
-        except (ApiError, turns.TurnRefused) as e:
-            send(error_frame(e.code, e.detail, **({"errors": e.errors} if e.errors else {})))
-            continue
-        relay(ws, send, events, session_id)
+    try:
+        while True:
+            raw = ws.next_frame()
+            if raw is None:
+                return   # idle for too long: closed
+            try:
+                frame = read_frame(raw)
+                ws.check_frame(frame)
+                if frame["type"] == "stop":
+                    raise ApiError(409, "nothing_to_stop", "No reply is being generated on this socket.")
+                events, session_id = events_for(frame, lambda: not ws.connected)
+            except (ApiError, turns.TurnRefused) as e:
+                send(error_frame(e.code, e.detail, **ws.error_extra(e)))
+                if ws.closed_by == "key_revoked":
+                    ws.refuse(e)
+                    return
+                continue
+            relay(ws, send, ws.logged_turn(events, frame["type"], session_id), session_id)
+    finally:
+        ws.log_socket()
 
 
 def relay(ws, send, events, session_id):
