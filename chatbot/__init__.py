@@ -18,6 +18,7 @@ DEFAULTS = {
     "LLM_IDLE_TIMEOUT": 60,
     "LLM_CONNECT_RETRIES": 2,            # only for a refused connection, before anything was sent
     "HEALTH_TIMEOUT": 2,
+    "HEALTH_CACHE_SECONDS": 2,           # /api/health asks the LLM server at most this often per worker
     "SYSTEM_PROMPT": "You are a helpful assistant. Answer in the language the user writes in.",
     "CONTEXT_MAX_TOKENS": 4096,
     "DEFAULT_MAX_NEW_TOKENS": 512,

@@ -1,14 +1,41 @@
 """GET /api/health: the database and the LLM server, each with its latency."""
 import sqlite3
+import threading
 import time
 
 from flask import Blueprint, current_app
 
 from . import store
-from .access import public
+from .access import authenticate, public
 from .db import get_db
+from .errors import ApiError
 
 bp = Blueprint("health", __name__, url_prefix="/api")
+
+# The LLM server's state is asked at most once per HEALTH_CACHE_SECONDS per
+# worker process: the endpoint needs no key, so anyone could otherwise turn
+# each of their calls into a call upstream.
+_cache_lock = threading.Lock()
+
+
+def llm_state(app):
+    upstream = app.extensions["upstream"]
+    ttl = float(app.config["HEALTH_CACHE_SECONDS"])
+    with _cache_lock:   # one thread asks; the others wait for its answer
+        at, state = app.extensions.get("health_cache", (None, None))
+        if at is None or time.monotonic() - at >= ttl:
+            state = upstream.health()
+            app.extensions["health_cache"] = (time.monotonic(), state)
+    return dict(state)
+
+
+def has_key():
+    """Whether the caller sent a valid API key (or keys are off)."""
+    try:
+        authenticate()
+        return True
+    except ApiError:
+        return False
 
 
 @bp.get("/health")
@@ -21,7 +48,9 @@ def health():
     except sqlite3.Error as e:
         database = {"ok": False, "error": str(e)}
     database["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
-    llm = current_app.extensions["upstream"].health()
+    llm = llm_state(current_app)
+    if not has_key():
+        llm.pop("url")   # where the LLM server is, is for the service's own clients
     auth = current_app.config["AUTH"]  # "disabled" here is the loud warning a monitor sees
     body = {"database": database, "llm": llm, "auth": auth,
             # the original backend's fields, for its clients

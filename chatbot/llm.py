@@ -8,17 +8,43 @@ upstream, even while it has not answered yet.
 """
 import codecs
 import json
+import logging
+import re
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
 READ_SIZE = 65536
+ERROR_BODY_LOGGED = 300   # characters of an upstream's error body that reach the log
+
+log = logging.getLogger(__name__)
+USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
+
+
+def without_credentials(url):
+    """The URL without its user:password@ part: what answers, logs and
+    stored fields may show of it."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def redacted(text, *secrets):
+    """Text from elsewhere (an upstream's error body) made fit for our log:
+    credentials in URLs and the given secrets blanked out."""
+    text = USERINFO.sub(r"\1***@", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 class UpstreamError(Exception):
@@ -229,6 +255,7 @@ def _session():
 class Upstream:
     def __init__(self, config):
         self.url = config["LLM_URL"].rstrip("/")
+        self.shown_url = without_credentials(self.url)   # never show user:password@
         self.protocol = config["LLM_PROTOCOL"]
         self.model = config["LLM_MODEL"]
         self.api_key = config["LLM_API_KEY"]
@@ -263,7 +290,7 @@ class Upstream:
         """Ask the upstream's health endpoint; never waits longer than health_timeout."""
         path = "/v1/models" if self.protocol == "openai" else "/health"
         started = time.monotonic()
-        result = {"url": self.url, "protocol": self.protocol}
+        result = {"url": self.shown_url, "protocol": self.protocol}
         try:
             r = requests.get(self.url + path, headers=self.headers(), timeout=self.health_timeout)
             result["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -310,7 +337,8 @@ class Call:
                     raise UpstreamCut("The request was aborted.") from None
                 # Nothing was sent yet, so a refused connection is safe to retry.
                 if attempt == up.retries or isinstance(e.args[0], urllib3.exceptions.ProtocolError):
-                    raise UpstreamUnavailable(f"The LLM server at {up.url} cannot be reached.")
+                    log.warning("LLM server %s cannot be reached: %s", up.shown_url, type(e).__name__)
+                    raise UpstreamUnavailable("The LLM server cannot be reached.")
                 time.sleep(0.25 * 2 ** attempt)
             except requests.ReadTimeout:
                 raise UpstreamTimeout("The LLM server did not answer in time.")
@@ -325,6 +353,9 @@ class Call:
             _sending.call = None
 
     def _check_status(self, r):
+        """An error status becomes our typed error. The upstream's own words go
+        to the log, never to the client: they may carry its internals (paths,
+        versions, other users' text, credentials)."""
         if r.ok:
             return
         try:
@@ -334,10 +365,13 @@ class Call:
         if isinstance(body, dict):
             detail = _error_detail(body.get("error") or body.get("detail") or body)
         else:
-            detail = r.text[:300].strip() or r.reason
+            detail = r.text[:ERROR_BODY_LOGGED].strip() or r.reason
+        up = self.upstream
+        log.warning("LLM server %s answered %s: %s", up.shown_url, r.status_code,
+                    redacted(detail[:ERROR_BODY_LOGGED], up.api_key))
         error = {503: UpstreamUnavailable, 504: UpstreamTimeout, 408: UpstreamTimeout}.get(
             r.status_code, UpstreamError)
-        raise error(f"The LLM server answered {r.status_code}: {detail}")
+        raise error(f"The LLM server answered with an error (HTTP {r.status_code}).")
 
     def open(self):
         """Send the request; returns once the upstream accepted it (status 2xx)."""

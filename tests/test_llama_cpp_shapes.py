@@ -104,21 +104,24 @@ def test_a_whole_answer_carries_the_servers_usage(monkeypatch):
     ("error-500-broken-json.txt", 500, "text/plain; charset=utf-8", "500: Internal Server Error"),
     ("error-400-over-context.json", 400, "application/json", "400: This model's maximum context length"),
 ])
-def test_error_answers_become_upstream_errors_with_the_servers_words(monkeypatch, name, status,
-                                                                      content_type, detail):
+def test_error_answers_become_upstream_errors_with_the_servers_words_in_the_log(monkeypatch, caplog, name,
+                                                                                 status, content_type, detail):
     with pytest.raises(llm.UpstreamError) as raised:
         answer(monkeypatch, recorded(name, status, content_type))
     assert type(raised.value) is llm.UpstreamError  # 502 upstream_error, not 503 or 504
     assert raised.value.status == 502 and raised.value.code == "upstream_error"
-    assert detail in raised.value.detail
+    # The client gets our sentence; the server's own words go to the log only.
+    assert raised.value.detail == f"The LLM server answered with an error (HTTP {status})."
+    assert detail in caplog.text
 
 
 @pytest.mark.parametrize("body", [b'"model is loading"', b'["busy"]', b"null"])
-def test_a_json_error_body_that_is_not_an_object_is_passed_on_as_text(monkeypatch, body):
+def test_a_json_error_body_that_is_not_an_object_is_logged_as_text(monkeypatch, caplog, body):
     response = requests.Response()
     response.status_code, response.reason = 500, "Internal Server Error"
     response.headers["Content-Type"] = "application/json"
     response.raw = Replay(body, 65536)
     with pytest.raises(llm.UpstreamError) as raised:
         answer(monkeypatch, response)
-    assert raised.value.detail == f"The LLM server answered 500: {body.decode()}"
+    assert raised.value.detail == "The LLM server answered with an error (HTTP 500)."
+    assert f"answered 500: {body.decode()}" in caplog.text

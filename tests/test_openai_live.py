@@ -52,7 +52,9 @@ def test_upstream_error_statuses_become_problem_codes(start_server):
             assert answer.status_code == status, (directive, path)
             assert answer.headers["Content-Type"] == "application/problem+json"
             assert answer.json()["code"] == code
-            assert "stand-in" in answer.json()["detail"]  # the upstream's own message is passed on
+            assert "stand-in" not in answer.json()["detail"]  # the upstream's own words go to the log
+    server.stop()
+    assert "stand-in error" in server.output() and "sk-upstream-secret" not in server.output()
 
 
 def test_an_error_chunk_mid_stream_ends_with_an_error_event(start_server):
