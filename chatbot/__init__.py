@@ -37,6 +37,9 @@ DEFAULTS = {
     "SESSIONS_PAGE_LIMIT": 100,          # most sessions in one page of GET /api/sessions
     "MESSAGES_PAGE_LIMIT": 200,          # most messages in one page of GET /api/sessions/{id}/messages
     "IMPORT_MAX_BYTES": 16 * 1024 * 1024,  # body of POST /api/sessions/import (exports can be long)
+    "MAX_SESSIONS_PER_KEY": 10000,       # sessions a key may keep; 0: no limit
+    "MAX_STORED_BYTES_PER_KEY": 1024 ** 3,  # bytes of text a key's sessions may hold (checked on import); 0: no limit
+    "WAL_SIZE_LIMIT": 64 * 1024 * 1024,  # bytes the SQLite WAL shrinks back to after a checkpoint
     # Access (chatbot/access.py)
     "AUTH": "required",                  # or "disabled": no keys, every request is the owner 'local'
     "RATE_LIMIT_PER_MINUTE": 600,        # requests per key, all workers together; 0: no limit

@@ -9,6 +9,9 @@ from .migrations import migrate
 from .store import recover_dead_generations
 
 BUSY_TIMEOUT_MS = 15000
+# The WAL shrinks back to this many bytes once checkpointed (it would otherwise
+# stay as large as the largest burst of writes ever made); CHATBOT_WAL_SIZE_LIMIT.
+journal_size_limit = 64 * 1024 * 1024
 
 
 def connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS):
@@ -24,6 +27,7 @@ def connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS):
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
+    conn.execute(f"PRAGMA journal_size_limit = {int(journal_size_limit)}")
     return conn
 
 
@@ -61,5 +65,9 @@ def init_db_command():
 
 
 def init_app(app):
+    global journal_size_limit
+    # Connections are also opened outside requests (the turn monitor, gunicorn's
+    # hooks), so this setting is kept where connect() finds it.
+    journal_size_limit = app.config["WAL_SIZE_LIMIT"]
     app.teardown_appcontext(close_db)
     app.cli.add_command(init_db_command)

@@ -73,10 +73,12 @@ NOT_BLANK = {"pattern": r"\S"}
 
 
 def _field_error(model, field, message):
-    """A validation error on one field, from a check that needs several fields,
-    so that the 422 names the field (a model validator's own errors name none)."""
+    """A validation error on one field (a name, or a path as a tuple), from a
+    check that needs several fields, so that the 422 names the field (a model
+    validator's own errors name none)."""
+    loc = field if isinstance(field, tuple) else (field,)
     return ValidationError.from_exception_data(
-        model.__name__, [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=(field,),
+        model.__name__, [InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc,
                                           input=None)])
 
 
@@ -169,7 +171,12 @@ class ExportQuery(Query):
     format: Literal["json", "markdown"] = "json"
 
 
-Count = Annotated[StrictInt, Field(ge=0), BeforeValidator(_whole)]
+# A token count: no model counts past 2**31 tokens in one reply, and stored numbers stay in range.
+Count = Annotated[StrictInt, Field(ge=0, le=2**31 - 1), BeforeValidator(_whole)]
+# Short machine words (a finish reason, an error code) and an error's sentence, as an import may carry them.
+Word = Annotated[str, StringConstraints(max_length=64)]
+Sentence = Annotated[str, StringConstraints(max_length=2000)]
+REPLY_CHARS_PER_MESSAGE_CHARS = 4   # an imported reply may be this many times MAX_MESSAGE_CHARS long
 
 
 def _text(value):
@@ -181,8 +188,9 @@ def _text(value):
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_text)]
 
 
-class TokenUsage(BaseModel):
-    model_config = ConfigDict(extra="allow")   # an LLM server may count more
+class TokenUsage(Strict):
+    # Strict: the service stores exactly these fields (llm.token_usage), so an
+    # import may carry nothing else.
     prompt_tokens: Count
     completion_tokens: Count
     total_tokens: Count
@@ -193,8 +201,8 @@ class TokenUsage(BaseModel):
 
 
 class ErrorInfo(Strict):
-    code: str
-    detail: str
+    code: Word
+    detail: Sentence
 
 
 class ConversationMessage(Strict):
@@ -214,11 +222,17 @@ class ConversationMessage(Strict):
     created_at: Timestamp
     status: Literal["complete", "incomplete", "failed"] = "complete"
     token_usage: Optional[TokenUsage] = None
-    finish_reason: Optional[str] = None
+    finish_reason: Optional[Word] = None
     error: Optional[ErrorInfo] = None
 
     @model_validator(mode="after")
     def consistent(self):
+        limit = current_app.config["MAX_MESSAGE_CHARS"]
+        limit = {"user": limit, "assistant": limit * REPLY_CHARS_PER_MESSAGE_CHARS,
+                 "system": current_app.config["SYSTEM_PROMPT_MAX_CHARS"]}[self.role]
+        if len(self.content) > limit:
+            # The chat's own limits: an import is no way round them.
+            raise _field_error(type(self), "content", f"a {self.role} message is at most {limit} characters")
         if self.role != "assistant" and self.status != "complete":
             raise _field_error(type(self), "status", f"a {self.role} message is always complete")
         if self.role == "user" and not self.content.strip():
@@ -245,6 +259,33 @@ class Conversation(Strict):
     exported_at: Optional[Timestamp] = None
     session: ConversationSession
     messages: list[ConversationMessage]
+
+    @model_validator(mode="after")
+    def system_message_first(self):
+        """Stored history holds user messages and replies only. A system message
+        may come first, as the session's system prompt (what an export of
+        another service may hold); anywhere else it would pose as the
+        operator's words in the middle of a conversation."""
+        for i, m in enumerate(self.messages):
+            if m.role == "system" and (i > 0 or self.session.system_prompt is not None):
+                raise _field_error(type(self), ("messages", i, "role"),
+                                   "a system message may only be the first message, and only when"
+                                   " session.system_prompt is not given: it becomes the session's system prompt")
+        if self.messages and self.messages[0].role == "system":
+            try:
+                _system_prompt_fits(self.messages[0].content)
+            except ValueError as e:
+                raise _field_error(type(self), ("messages", 0, "content"), str(e)) from None
+        return self
+
+    def system_prompt(self):
+        """The session's system prompt: the session's own, or a first system message."""
+        if self.messages and self.messages[0].role == "system":
+            return self.messages[0].content
+        return self.session.system_prompt
+
+    def history(self):
+        return [m for m in self.messages if m.role != "system"]
 
 
 class ChatRequest(Strict):

@@ -32,10 +32,19 @@ def session_or_404(session_id):
 @bp.post("")
 def create():
     body = parse_body(CreateSession, optional=True)
-    session = store.create_session(get_db(), body.metadata, body.title, body.system_prompt,
-                                   owner=current_owner())
+    try:
+        session = store.create_session(get_db(), body.metadata, body.title, body.system_prompt,
+                                       owner=current_owner(), max_sessions=current_app.config["MAX_SESSIONS_PER_KEY"])
+    except store.SessionQuota:
+        raise session_quota() from None
     g.session_id = session["session_id"]
     return session, 201
+
+
+def session_quota():
+    limit = current_app.config["MAX_SESSIONS_PER_KEY"]
+    return ApiError(409, "session_quota_exceeded",
+                    f"This key has {limit} sessions, as many as it may keep; delete some first.")
 
 
 @bp.get("")
@@ -160,16 +169,40 @@ def import_():
     # An export of a long conversation can outgrow the usual body limit.
     request.max_content_length = current_app.config["IMPORT_MAX_BYTES"]
     body = parse_body(Conversation)
-    session = body.session.model_dump(include={"title", "metadata", "system_prompt"})
+    session = body.session.model_dump(include={"title", "metadata"})
+    session["system_prompt"] = body.system_prompt()
     if body.session.created_at:
         session["created_at"] = utc_iso(body.session.created_at)
     messages = [{**m.model_dump(exclude={"message_id", "created_at"}), "created_at": utc_iso(m.created_at),
                  # the usage as it was given: no "estimated": null added
                  "token_usage": m.token_usage and m.token_usage.model_dump(exclude_unset=True)}
-                for m in body.messages]
-    imported = store.import_session(get_db(), session, messages, owner=current_owner())
+                for m in body.history()]
+    check_storage_quota(session, messages)
+    try:
+        imported = store.import_session(get_db(), session, messages, owner=current_owner(),
+                                        max_sessions=current_app.config["MAX_SESSIONS_PER_KEY"])
+    except store.SessionQuota:
+        raise session_quota() from None
+    store.checkpoint(get_db())   # the WAL such a write grew goes back to its size limit
     g.session_id = imported["session_id"]
     return imported, 201
+
+
+def check_storage_quota(session, messages):
+    """413 when the import would take the key past CHATBOT_MAX_STORED_BYTES_PER_KEY.
+    Checked before writing, outside any transaction (summing what a key has
+    stored must not hold the writer)."""
+    limit = current_app.config["MAX_STORED_BYTES_PER_KEY"]
+    if not limit:
+        return
+    adding = sum(len(m["content"].encode("utf-8")) for m in messages) + sum(
+        len(v.encode("utf-8")) for v in (session["title"], session["system_prompt"]) if v) + len(
+        json.dumps(session["metadata"], ensure_ascii=False).encode("utf-8"))
+    stored = store.stored_bytes(get_db(), current_owner())
+    if stored + adding > limit:
+        raise ApiError(413, "storage_quota_exceeded",
+                       f"This import ({adding} bytes) would take the key past its {limit} bytes of stored text"
+                       f" ({stored} used); delete some sessions first.")
 
 
 def utc_iso(moment):

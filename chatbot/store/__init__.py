@@ -3,11 +3,12 @@
 Functions take an open connection (see db.connect) and return plain dicts.
 Write transactions are short and never span a call to the upstream.
 """
-from .base import is_busy, new_id, now_iso, transaction, when_not_busy  # noqa: F401
+from .base import checkpoint, is_busy, new_id, now_iso, transaction, when_not_busy  # noqa: F401
 from .conversations import find_by_conversation, refresh_conversation_hash  # noqa: F401
 from .keys import active_api_key_named, find_api_key, insert_api_key, list_api_keys, revoke_api_key  # noqa: F401
+from .quotas import session_count, stored_bytes  # noqa: F401
 from .rates import take_request  # noqa: F401
-from .sessions import (create_session, delete_session, get_message, get_session, history,  # noqa: F401
+from .sessions import (SessionQuota, create_session, delete_session, get_message, get_session, history,  # noqa: F401
                        import_session, last_user_message, list_messages, list_sessions, make_title,
                        message_dict, page_messages, update_session)
 from .turns import (WORKER_LOST, NothingToRegenerate, SessionGone, TooManyTurns, begin_turn,  # noqa: F401

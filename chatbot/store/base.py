@@ -67,3 +67,10 @@ def when_not_busy(write, *args, seconds=60):
             if not is_busy(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def checkpoint(db):
+    """Copy the WAL into the database file as far as readers allow, without
+    waiting for anyone (PASSIVE); the next write then restarts the WAL, which
+    SQLite truncates to journal_size_limit (db.connect)."""
+    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()

@@ -1,11 +1,27 @@
 """Sessions and their messages."""
 import json
+import time
 import unicodedata
+from datetime import datetime, timedelta, timezone
 
-from .base import SessionGone, new_id, now_iso, transaction
+from .base import SessionGone, new_id, now_iso, transaction, when_not_busy
 from .conversations import conversation_hash
+from .quotas import session_count
 
 TITLE_CHARS = 40          # length of a title made from the first message, in characters
+# An import is written a batch at a time, each batch its own short transaction
+# (a few milliseconds), so other keys' writes and running replies' heartbeats
+# never wait long for SQLite's single writer.
+IMPORT_BATCH_BYTES = 256 * 1024
+IMPORT_BATCH_ROWS = 500
+# Until its last batch is written, an imported session belongs to no key:
+# its owner is this prefix + the key's name (a key's name has no ':').
+IMPORTING = "importing:"
+ABANDONED_IMPORT = timedelta(hours=1)   # an import this old whose worker died is deleted
+
+
+class SessionQuota(Exception):
+    """The owner has as many sessions as it may (CHATBOT_MAX_SESSIONS_PER_KEY)."""
 
 
 def make_title(text, limit=TITLE_CHARS):
@@ -70,26 +86,38 @@ def _touch(db, session_id, now):
                (now, seq, session_id))
 
 
-def create_session(db, metadata, title=None, system_prompt=None, created_at=None, messages=(), *, owner):
-    """A new session of `owner`; `messages` (for an import) are stored with it in the same transaction."""
+def create_session(db, metadata, title=None, system_prompt=None, created_at=None, messages=(), *, owner,
+                   max_sessions=0):
+    """A new session of `owner`; `messages` (the few of an OpenAI client's
+    request) are stored with it in the same transaction. SessionQuota when
+    `owner` has `max_sessions` already (0: no limit)."""
     session_id, now = new_id(), now_iso()
     with transaction(db):
-        db.execute(
-            "INSERT INTO sessions (session_id, created_at, last_accessed, metadata, title, system_prompt, owner,"
-            " conversation_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (session_id, created_at or now, now, json.dumps(metadata, ensure_ascii=False), title,
-             system_prompt, owner, conversation_hash(messages)),
-        )
-        for m in messages:
-            db.execute(
-                "INSERT INTO messages (message_id, session_id, role, content, created_at, status,"
-                " token_usage, finish_reason, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (new_id(), session_id, m["role"], m["content"], m["created_at"], m["status"],
-                 json.dumps(m["token_usage"]) if m.get("token_usage") else None, m.get("finish_reason"),
-                 json.dumps(m["error"], ensure_ascii=False) if m.get("error") else None),
-            )
+        if max_sessions and session_count(db, owner) >= max_sessions:
+            raise SessionQuota(owner)
+        _insert_session(db, session_id, metadata, title, system_prompt, created_at or now, now, owner,
+                        conversation_hash(messages))
+        _insert_messages(db, session_id, messages)
         _touch(db, session_id, now)
     return get_session(db, session_id, owner)
+
+
+def _insert_session(db, session_id, metadata, title, system_prompt, created_at, now, owner, digest=None):
+    db.execute(
+        "INSERT INTO sessions (session_id, created_at, last_accessed, metadata, title, system_prompt, owner,"
+        " conversation_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (session_id, created_at, now, json.dumps(metadata, ensure_ascii=False), title, system_prompt, owner,
+         digest),
+    )
+
+
+def _insert_messages(db, session_id, messages):
+    db.executemany(
+        "INSERT INTO messages (message_id, session_id, role, content, created_at, status,"
+        " token_usage, finish_reason, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(new_id(), session_id, m["role"], m["content"], m["created_at"], m["status"],
+          json.dumps(m["token_usage"]) if m.get("token_usage") else None, m.get("finish_reason"),
+          json.dumps(m["error"], ensure_ascii=False) if m.get("error") else None) for m in messages])
 
 
 def get_session(db, session_id, owner):
@@ -160,14 +188,58 @@ def update_session(db, session_id, changes):
     return _reread(db, session_id)
 
 
-def import_session(db, session, messages, *, owner):
+def import_session(db, session, messages, *, owner, max_sessions=0):
     """A new session (new id) holding an exported conversation: messages keep
-    their order, role, content, status, times and usage, under new ids."""
+    their order, role, content, status, times and usage, under new ids.
+
+    Written in short transactions (IMPORT_BATCH_*); the session belongs to no
+    key until the last one, so nobody sees half an import, and one that fails
+    midway is deleted. SessionQuota as for create_session.
+    """
     title = session.get("title")
     if title is None:
         title = next((make_title(m["content"]) for m in messages if m["role"] == "user"), None)
-    return create_session(db, session.get("metadata") or {}, title, session.get("system_prompt"),
-                          session.get("created_at"), messages, owner=owner)
+    session_id, now = new_id(), now_iso()
+    hidden = IMPORTING + owner
+    with transaction(db):
+        _drop_abandoned_imports(db)
+        if max_sessions and session_count(db, owner) >= max_sessions:
+            raise SessionQuota(owner)
+        _insert_session(db, session_id, session.get("metadata") or {}, title, session.get("system_prompt"),
+                        session.get("created_at") or now, now, hidden)
+    try:
+        for batch in _batches(messages):
+            with transaction(db):
+                _insert_messages(db, session_id, batch)
+            time.sleep(0)   # let a thread waiting for the writer in this process take it
+        with transaction(db):
+            db.execute("UPDATE sessions SET owner = ?, conversation_hash = ? WHERE session_id = ?",
+                       (owner, conversation_hash(messages), session_id))
+            _touch(db, session_id, now)
+    except BaseException:
+        when_not_busy(delete_session, db, session_id, hidden)
+        raise
+    return get_session(db, session_id, owner)
+
+
+def _batches(messages):
+    batch, size = [], 0
+    for m in messages:
+        batch.append(m)
+        size += len(m["content"]) * 3 + 200   # at most 3 bytes a character in UTF-8, plus the other fields
+        if size >= IMPORT_BATCH_BYTES or len(batch) >= IMPORT_BATCH_ROWS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _drop_abandoned_imports(db):
+    """Delete imports left unfinished by a worker that died (inside a transaction)."""
+    before = (datetime.now(timezone.utc) - ABANDONED_IMPORT).isoformat(timespec="microseconds")
+    # A range, not LIKE, so that the owner index finds them.
+    db.execute("DELETE FROM sessions WHERE owner >= ? AND owner < ? AND last_accessed < ?",
+               (IMPORTING, IMPORTING[:-1] + chr(ord(IMPORTING[-1]) + 1), before))
 
 
 def delete_session(db, session_id, owner):
