@@ -178,3 +178,14 @@ def add_open_sockets(conn):
             expires_at REAL NOT NULL
         )""")
     conn.execute("CREATE INDEX open_sockets_by_owner ON open_sockets (owner, expires_at)")
+
+
+@migration
+def add_server_secrets(conn):
+    # Random keys of the service itself, shared by every worker and host (the
+    # list cursor's key: cursors are sealed, so they tell nothing and only
+    # their owner can use them).
+    import secrets
+
+    conn.execute("CREATE TABLE server_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute("INSERT INTO server_secrets (name, value) VALUES ('cursor', ?)", (secrets.token_hex(32),))

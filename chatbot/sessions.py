@@ -1,7 +1,11 @@
 """Sessions: create, list, change, delete; their message history; export and import."""
 import base64
+import hashlib
+import hmac
 import json
+import os
 import re
+import struct
 from datetime import timezone
 from urllib.parse import quote
 
@@ -50,26 +54,52 @@ def session_quota():
 @bp.get("")
 def list_sessions():
     query = parse_query(SessionsQuery)
-    after = decode_cursor(query.cursor) if query.cursor else None
+    after = open_cursor(query.cursor) if query.cursor else None
     sessions, following = store.list_sessions(get_db(), query.limit, after, owner=current_owner())
-    return {"sessions": sessions, "next_cursor": encode_cursor(following) if following else None}
+    return {"sessions": sessions, "next_cursor": seal_cursor(following) if following else None}
 
 
-# The cursor is opaque to clients: the list's snapshot and the rank of the
-# last session listed (see store.list_sessions), base64url-encoded.
-def encode_cursor(after):
-    return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode().rstrip("=")
+# The cursor holds the list's snapshot and the rank of the last session listed
+# (see store.list_sessions). Both are positions in the activity of every key,
+# so the cursor is sealed: encrypted (HMAC-SHA256 as a keystream) and
+# authenticated with the caller's name, so that it tells nothing of other
+# keys' activity and is good for its owner only.
+CURSOR = struct.Struct(">QQ")
+NONCE_BYTES, TAG_BYTES = 12, 16
 
 
-def decode_cursor(cursor):
+def _cursor_key(purpose):
+    secret = current_app.extensions.get("cursor_secret")
+    if secret is None:
+        secret = current_app.extensions["cursor_secret"] = store.server_secret(get_db(), "cursor")
+    return hmac.new(secret, purpose, hashlib.sha256).digest()
+
+
+def _keystream(nonce):
+    return hmac.new(_cursor_key(b"encrypt"), nonce, hashlib.sha256).digest()[:CURSOR.size]
+
+
+def _tag(nonce, sealed):
+    return hmac.new(_cursor_key(b"authenticate"), nonce + sealed + current_owner().encode(),
+                    hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def seal_cursor(after):
+    nonce = os.urandom(NONCE_BYTES)
+    sealed = bytes(a ^ b for a, b in zip(CURSOR.pack(*after), _keystream(nonce)))
+    return base64.urlsafe_b64encode(nonce + sealed + _tag(nonce, sealed)).decode().rstrip("=")
+
+
+def open_cursor(cursor):
     try:
-        after = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        snapshot, rank = after
-        if all(type(n) is int and 0 <= n < 2**63 for n in after) and rank <= snapshot + 1:
-            return snapshot, rank
-    except (ValueError, TypeError):   # bad base64, bad UTF-8 and bad JSON are ValueErrors
-        pass
-    raise ApiError(400, "invalid_cursor", "The cursor is not one this server gave; start again without it.")
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except ValueError:   # bad base64 (binascii.Error is a ValueError)
+        raw = b""
+    nonce, sealed, tag = raw[:NONCE_BYTES], raw[NONCE_BYTES:-TAG_BYTES], raw[-TAG_BYTES:]
+    if len(raw) == NONCE_BYTES + CURSOR.size + TAG_BYTES and hmac.compare_digest(tag, _tag(nonce, sealed)):
+        return CURSOR.unpack(bytes(a ^ b for a, b in zip(sealed, _keystream(nonce))))
+    raise ApiError(400, "invalid_cursor", "The cursor is not one this server gave to this key; start again"
+                                          " without it.")
 
 
 @bp.get("/<session_id>")

@@ -5,7 +5,8 @@ Write transactions are short and never span a call to the upstream.
 """
 from .base import checkpoint, is_busy, new_id, now_iso, transaction, when_not_busy  # noqa: F401
 from .conversations import find_by_conversation, refresh_conversation_hash  # noqa: F401
-from .keys import active_api_key_named, find_api_key, insert_api_key, list_api_keys, revoke_api_key  # noqa: F401
+from .keys import (active_api_key_named, find_api_key, insert_api_key, list_api_keys, revoke_api_key,  # noqa: F401
+                   server_secret)
 from .quotas import session_count, stored_bytes  # noqa: F401
 from .rates import take_request  # noqa: F401
 from .sessions import (SessionQuota, create_session, delete_session, get_message, get_session, history,  # noqa: F401

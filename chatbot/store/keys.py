@@ -1,4 +1,5 @@
-"""API keys: rows are made and checked by chatbot/access.py, which owns the hashing."""
+"""API keys (rows made and checked by chatbot/access.py, which owns the hashing),
+and the service's own secrets."""
 from .base import now_iso, transaction
 
 
@@ -27,3 +28,8 @@ def revoke_api_key(db, name):
 def list_api_keys(db):
     return db.execute("SELECT key_id, name, created_at, revoked_at FROM api_keys"
                       " ORDER BY revoked_at IS NOT NULL, name, created_at").fetchall()
+
+
+def server_secret(db, name):
+    """A random secret of the service (made by a migration), as bytes."""
+    return bytes.fromhex(db.execute("SELECT value FROM server_secrets WHERE name = ?", (name,)).fetchone()[0])
