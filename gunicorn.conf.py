@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 
 # A reload runs this file again in the master: first forget the project's
 # modules the last run imported, so that this run and every worker forked after
@@ -154,5 +155,22 @@ def end_answers_before_graceful_timeout(worker):
         timer.daemon = True
         timer.start()
         gunicorn_handler(signum, frame)
+        threading.Thread(target=close_listeners, args=(worker,), daemon=True).start()
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.siginterrupt(signal.SIGTERM, False)
+
+
+def close_listeners(worker):
+    """On a graceful stop, stop accepting at once. gunicorn keeps each worker's
+    copy of the listening socket open until the worker exits, so for up to the
+    graceful timeout new connections wait in the kernel's backlog for nobody.
+    Closed in every worker (the master closes its own on a stop, and keeps it
+    on a reload), the port refuses them, and a proxy tries another server at
+    once (nginx: proxy_next_upstream error)."""
+    deadline = time.monotonic() + 5
+    while getattr(worker, "_accepting", False):   # the worker's loop unregisters them first
+        if time.monotonic() > deadline:
+            return   # still in its poller: closing them under it is not safe
+        time.sleep(0.05)
+    for listener in worker.sockets:
+        listener.close()

@@ -46,7 +46,7 @@ def close_db(e=None):
 def init_db(path):
     """Create missing tables (schema.sql is idempotent), apply pending
     migrations, and recover replies left pending by a worker process that died."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    private_file(path)
     schema = current_app.open_resource("../schema.sql").read().decode("utf-8")
     conn = connect(path)
     try:
@@ -55,6 +55,22 @@ def init_db(path):
         recover_dead_generations(conn)
     finally:
         conn.close()
+
+
+def private_file(path):
+    """Make the database's directory (0700) and file (0600) if they are
+    missing, whatever the umask: conversations are nobody else's business.
+    SQLite gives the -wal and -shm files the database file's permissions."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.fchmod(fd, 0o600)
+    os.close(fd)
 
 
 @click.command("init-db")

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
 
 from flask import current_app, has_app_context, request
+from werkzeug.exceptions import RequestEntityTooLarge
 from pydantic import (AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
                       StrictFloat, StrictInt, StringConstraints, ValidationError, field_validator,
                       model_validator)
@@ -82,7 +83,24 @@ def _field_error(model, field, message):
                                           input=None)])
 
 
+METADATA_MAX_DEPTH = 32   # levels of nested objects and arrays in metadata
+
+
+def _depth(value, limit):
+    """How deeply `value` nests (1 for a flat object), counted no further than
+    limit + 1, without recursion: a deep value must not overflow the stack here either."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        level = [child for v in level for child in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(child, (dict, list))]
+    return depth
+
+
 def _metadata_fits(value):
+    if _depth(value, METADATA_MAX_DEPTH) > METADATA_MAX_DEPTH:
+        # Deeper values pass the parser but may not pass every serialiser after it.
+        raise ValueError(f"metadata is nested deeper than {METADATA_MAX_DEPTH} levels")
     limit = current_app.config["METADATA_MAX_BYTES"]
     size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
     if size > limit:
@@ -365,6 +383,7 @@ def parse_body(model, optional=False):
         return parse(model, {})
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the body as application/json.")
+    body_within_limit()
     try:
         data = request.get_json(silent=True)
     except RecursionError:  # nested deeper than the json module can parse
@@ -374,13 +393,30 @@ def parse_body(model, optional=False):
     return parse(model, checked_text(data))
 
 
+def body_within_limit():
+    """413 for a body over the limit, chunked as well as sized. werkzeug
+    checks a Content-Length before reading, but stops reading a chunked body
+    at the limit and hands on what it read: a cut body, silently."""
+    data = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        if request.environ["wsgi.input"].read(1):   # the byte after the limit (werkzeug read up to it)
+            raise RequestEntityTooLarge()
+
+
 def checked_text(data):
-    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no text at
-    all: it cannot be stored or sent on. Refuse it as invalid JSON."""
+    """Refuse, as invalid JSON, what the parser takes but no strict JSON
+    reader would: half of a UTF-16 pair ("\\ud800", which is no text at all:
+    it cannot be stored or sent on), and NaN or Infinity (not JSON: clients
+    that read them back would fail)."""
     try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ApiError(400, "invalid_json", "The JSON holds an unpaired surrogate (\\ud800-\\udfff).") from None
+    except ValueError:
+        raise ApiError(400, "invalid_json", "The JSON holds NaN or Infinity, which JSON does not have.") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "The JSON is nested too deep.") from None
     return data
 
 

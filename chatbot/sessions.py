@@ -175,15 +175,30 @@ def conversation(session, messages):
 
 def markdown(document):
     session = document["session"]
-    lines = [f"# {session['title'] or 'Conversation'}", "",
+    lines = [f"# {escape_line(session['title'] or 'Conversation')}", "",
              f"- Session: `{session['session_id']}`", f"- Created: {session['created_at']}",
              f"- Exported: {document['exported_at']}"]
     if session["system_prompt"] is not None:
-        lines += ["- System prompt:", ""] + [f"  > {line}" for line in session["system_prompt"].splitlines()]
+        lines += ["", "System prompt:", "", fenced(session["system_prompt"])]
     for m in document["messages"]:
         note = "" if m["status"] == "complete" else f" ({m['status']})"
-        lines += ["", f"## {m['role'].capitalize()}{note}", "", f"*{m['created_at']}*", "", m["content"]]
+        lines += ["", f"## {m['role'].capitalize()}{note}", "", f"*{m['created_at']}*", "", fenced(m["content"])]
     return "\n".join(lines) + "\n"
+
+
+def fenced(text):
+    """Text as a fenced block whose fence is longer than any run of backticks
+    in it, so that what someone wrote can neither close the block early nor
+    pose as a heading of the transcript: each message stays its own block."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def escape_line(text):
+    """A title on one line, with the characters escaped that would make
+    Markdown of it (emphasis, links, images, HTML, code)."""
+    return re.sub(r"([\\`*_\[\]<>!#])", r"\\\1", " ".join(text.split()))
 
 
 def download_names(session, extension):

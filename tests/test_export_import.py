@@ -52,7 +52,7 @@ def test_the_markdown_export_reads_as_a_transcript(client, conversation):
     text = response.get_data(as_text=True)
     assert text.startswith("# 서울 날씨 어때요? @@words=2\n")
     assert "## User\n" in text and "## Assistant (incomplete)\n" in text and "## Assistant (failed)\n" in text
-    assert "  > Be brief." in text
+    assert "System prompt:\n\n```text\nBe brief.\n```\n" in text
     for m in client.get(f"/api/sessions/{conversation}/messages").json["messages"]:
         assert m["content"] in text
 
