@@ -3,7 +3,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 import websocket
@@ -75,3 +77,31 @@ def test_a_websocket_turn_through_nginx(server, nginx):
         ws.close()
     assert [f["type"] for f in frames] == ["start", "delta", "delta", "delta", "done"]
     assert frames[-1]["message"]["content"] == "".join(f["content"] for f in frames if f["type"] == "delta")
+
+
+def test_a_client_that_sends_its_header_a_byte_at_a_time_is_turned_away(server, nginx):
+    """Slowloris: with gunicorn exposed directly each such client holds a
+    thread for as long as it likes; nginx holds it instead, and not for long
+    (client_header_timeout)."""
+    host, port = nginx.removeprefix("http://").split(":")
+    request = b"GET /api/slow-header-client HTTP/1.1\r\nHost: chatbot\r\nX-Padding: " + b"a" * 1000
+    client = socket.create_connection((host, int(port)), timeout=5)
+    started, answer = time.monotonic(), b""
+    try:
+        for byte in request:
+            client.sendall(bytes([byte]))
+            time.sleep(0.25)
+            if time.monotonic() - started > 40:
+                break
+    except OSError:   # nginx closed the connection: sending failed
+        pass
+    try:
+        answer = client.recv(65536)
+    except OSError:
+        pass
+    held = time.monotonic() - started
+    client.close()
+    assert held < 25, f"nginx held the slow client for {held:.0f} s"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    server.stop()
+    assert "slow-header-client" not in server.output()   # it never reached gunicorn
