@@ -223,16 +223,44 @@ class ErrorInfo(Strict):
     detail: Sentence
 
 
-class ConversationMessage(Strict):
-    # The checks of consistent(), for the OpenAPI description.
-    model_config = ConfigDict(json_schema_extra={"allOf": [
+def _content_limits():
+    """The most characters of a message's content, by role."""
+    cfg = current_app.config
+    return {"user": cfg["MAX_MESSAGE_CHARS"], "assistant": cfg["MAX_MESSAGE_CHARS"] * REPLY_CHARS_PER_MESSAGE_CHARS,
+            "system": cfg["SYSTEM_PROMPT_MAX_CHARS"]}
+
+
+def _role_is(role):
+    return {"required": ["role"], "properties": {"role": {"const": role}}}
+
+
+def _describe_message(schema):
+    """The checks of ConversationMessage.consistent(), for the OpenAPI description."""
+    schema["allOf"] = [
         {"if": {"required": ["role"], "properties": {"role": {"enum": ["user", "system"]}}},
          "then": {"properties": {"status": {"const": "complete"}}}},
-        {"if": {"required": ["role"], "properties": {"role": {"const": "user"}}},
-         "then": {"properties": {"content": NOT_BLANK}}},
+        {"if": _role_is("user"), "then": {"properties": {"content": NOT_BLANK}}},
         {"if": {"required": ["status"], "properties": {"status": {"const": "failed"}}},
          "then": {"properties": {"content": {"maxLength": 0}}}},
-    ]})
+    ]
+    if has_app_context():   # this deployment's limits
+        schema["allOf"] += [{"if": _role_is(role), "then": {"properties": {"content": {"maxLength": limit}}}}
+                            for role, limit in _content_limits().items()]
+
+
+def _describe_conversation(schema):
+    """The checks of Conversation.system_message_first(), for the OpenAPI description."""
+    not_system = {"not": _role_is("system")}
+    schema["allOf"] = [
+        {"properties": {"messages": {"prefixItems": [True], "items": not_system}}},
+        {"if": {"required": ["session"], "properties": {"session": {
+            "required": ["system_prompt"], "properties": {"system_prompt": {"type": "string"}}}}},
+         "then": {"properties": {"messages": {"items": not_system}}}},
+    ]
+
+
+class ConversationMessage(Strict):
+    model_config = ConfigDict(json_schema_extra=_describe_message)
 
     message_id: Optional[str] = None   # informative: an import gives new ids
     role: Literal["user", "assistant", "system"]
@@ -245,9 +273,7 @@ class ConversationMessage(Strict):
 
     @model_validator(mode="after")
     def consistent(self):
-        limit = current_app.config["MAX_MESSAGE_CHARS"]
-        limit = {"user": limit, "assistant": limit * REPLY_CHARS_PER_MESSAGE_CHARS,
-                 "system": current_app.config["SYSTEM_PROMPT_MAX_CHARS"]}[self.role]
+        limit = _content_limits()[self.role]
         if len(self.content) > limit:
             # The chat's own limits: an import is no way round them.
             raise _field_error(type(self), "content", f"a {self.role} message is at most {limit} characters")
@@ -272,6 +298,7 @@ class ConversationSession(Strict):
 
 class Conversation(Strict):
     """An exported conversation (GET /api/sessions/{id}/export), and the body of POST /api/sessions/import."""
+    model_config = ConfigDict(json_schema_extra=_describe_conversation)
     format: Literal["chatbot-conversation"]
     version: Literal[1]
     exported_at: Optional[Timestamp] = None

@@ -37,7 +37,7 @@ class Op:
 UPSTREAM = (502, 503, 504)
 OPERATIONS = {
     "sessions.create": Op("Create a session", (201, Session, "The new session"),
-                          body=CreateSession, body_required=False, tags=["sessions"]),
+                          body=CreateSession, body_required=False, errors=(409,), tags=["sessions"]),
     "sessions.list_sessions": Op("The caller's sessions, most recently active first",
                                  (200, SessionList, "A page of sessions; next_cursor asks for the next"),
                                  query=SessionsQuery, errors=(400,), tags=["sessions"]),
@@ -52,7 +52,7 @@ OPERATIONS = {
     "sessions.export": Op("The whole conversation, as a download", (200, "export", "JSON or Markdown"),
                           query=ExportQuery, errors=(404,), tags=["sessions"]),
     "sessions.import_": Op("A new session holding an exported conversation", (201, Session, "The new session"),
-                           body=Conversation, tags=["sessions"]),
+                           body=Conversation, errors=(409,), tags=["sessions"]),
     "chat.chat": Op("One chat turn, answered as a whole", (200, Message, "The assistant's reply"),
                     body=ChatRequest, errors=(404, 409, 429) + UPSTREAM, tags=["chat"]),
     "chat.chat_stream": Op("One chat turn, streamed as Server-Sent Events",
@@ -65,7 +65,7 @@ OPERATIONS = {
                     errors=(404, 409), tags=["chat"]),
     "ws.chat_ws": Op("Chat turns over a WebSocket: JSON frames chat/stop in, start/delta/done/error out",
                      (101, None, "Switching Protocols (a plain GET without the upgrade is a 400)"),
-                     errors=(400,), tags=["chat"]),
+                     errors=(400, 429), tags=["chat"]),
     "health.health": Op("Health of the database and the LLM server", (200, Health, "ok or degraded"),
                         errors=(503,), tags=["service"]),
     "openai_api.models": Op("OpenAI-compatible: the model that answers", (200, "document", "OpenAI's model list"),
@@ -86,13 +86,16 @@ ERROR_TEXT = {
          " (invalid_idempotency_key), or a GET of the WebSocket is no upgrade (bad_request)",
     401: "No API key, or not a valid one; for /metrics, not the metrics token (unauthorized)",
     404: "No such session for this key (session_not_found), or no such message in it (message_not_found)",
-    409: "A reply is being generated (generation_in_progress), none is (nothing_to_stop), or there is"
-         " none to regenerate (nothing_to_regenerate)",
-    413: "The body is too large (payload_too_large)",
+    409: "A reply is being generated (generation_in_progress), none is (nothing_to_stop), there is"
+         " none to regenerate (nothing_to_regenerate), or the key has as many sessions as it may"
+         " (session_quota_exceeded)",
+    413: "The body is too large (payload_too_large), or an import would take the key past its stored"
+         " bytes (storage_quota_exceeded)",
     415: "The body is not application/json (unsupported_media_type)",
     422: "The body or query does not validate (validation_error), with the failing fields, or an"
          " Idempotency-Key was used for another request (idempotency_key_reused)",
-    429: "Too many requests (rate_limited) or replies at once (too_many_streams) for this key",
+    429: "Too many requests (rate_limited), replies at once (too_many_streams) or open WebSockets"
+         " (too_many_sockets) for this key",
     502: "The LLM server answered with an error (upstream_error)",
     503: "The LLM server cannot be reached (upstream_unavailable)",
     504: "The LLM server did not answer in time (upstream_timeout)",
