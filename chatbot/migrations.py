@@ -175,7 +175,7 @@ def add_open_sockets(conn):
         CREATE TABLE open_sockets (
             socket_id  TEXT PRIMARY KEY,
             owner      TEXT NOT NULL,
-            expires_at REAL NOT NULL
+            expires_at DOUBLE PRECISION NOT NULL   -- unix time (PostgreSQL's REAL is 4 bytes: too coarse)
         )""")
     conn.execute("CREATE INDEX open_sockets_by_owner ON open_sockets (owner, expires_at)")
 

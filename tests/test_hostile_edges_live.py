@@ -91,18 +91,21 @@ def test_nan_and_infinity_are_invalid_json(server, constant):
     assert len(requests.get(server.url + "/api/sessions").json()["sessions"]) == 1
 
 
-@pytest.mark.parametrize("depth", [32, 33, 100, 400, 800, 990, 1000, 1100, 5000, 50000])
-def test_deeply_nested_metadata_is_refused_not_a_500(server, depth):
-    text = '{"metadata": ' + '{"a": ' * depth + "1" + "}" * depth + "}"
-    answer = requests.post(server.url + "/api/sessions", data=text, headers={"Content-Type": "application/json"})
-    if depth <= 32:
-        assert answer.status_code == 201, answer.text[:300]
-        sid = answer.json()["session_id"]
-        for path in (f"/api/sessions/{sid}", "/api/sessions", f"/api/sessions/{sid}/export"):
-            assert requests.get(server.url + path).status_code == 200
-    else:
-        assert answer.status_code in (400, 422), answer.text[:300]
-        assert answer.headers["Content-Type"] == "application/problem+json"
+def test_deeply_nested_metadata_is_refused_never_a_500(server):
+    # Around 980 levels (the exact number depends on the stack in use) the
+    # JSON parser still took metadata that serialising it again overflowed.
+    for depth in [1, 32, 33, 100, 400, 800, *range(900, 1001), 1100, 5000, 50000]:
+        text = '{"metadata": ' + '{"a": ' * depth + "1" + "}" * depth + "}"
+        answer = requests.post(server.url + "/api/sessions", data=text,
+                               headers={"Content-Type": "application/json"})
+        if depth <= 32:
+            assert answer.status_code == 201, (depth, answer.text[:300])
+            sid = answer.json()["session_id"]
+            for path in (f"/api/sessions/{sid}", "/api/sessions", f"/api/sessions/{sid}/export"):
+                assert requests.get(server.url + path).status_code == 200
+        else:
+            assert answer.status_code in (400, 422), (depth, answer.text[:300])
+            assert answer.headers["Content-Type"] == "application/problem+json"
 
 
 # --- a chunked body over the limit ---------------------------------------------------
