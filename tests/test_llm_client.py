@@ -160,9 +160,11 @@ def test_abort_closes_a_request_still_waiting_for_the_answers_headers(standin, s
     assert wait_for(lambda: standin_log()[-1]["state"] == "cancelled", timeout=5)
 
 
-def test_midm_llm_servings_500_with_detail_is_an_upstream_error_with_its_words(standin):
+def test_midm_llm_servings_500_with_detail_is_an_upstream_error_with_its_words_in_the_log(standin, caplog):
     # its /chat answers a failure as HTTP 500 {"detail": "<why>"}
     with pytest.raises(UpstreamError) as raised:
         call(upstream(standin), "@@error=0", stream=False)
     assert type(raised.value) is UpstreamError
-    assert raised.value.detail == "The LLM server answered 500: stand-in error requested"
+    # The client gets our sentence; the server's words go to our log only.
+    assert raised.value.detail == "The LLM server answered with an error (HTTP 500)."
+    assert "answered 500: stand-in error requested" in caplog.text
