@@ -151,6 +151,7 @@ class GuardedSocket:
                 yield event
         finally:
             events.close()
+            self.last_frame = time.monotonic()   # idle time counts between turns, not during one
             self.turns += 1
             if fields["status"] is None:
                 fields["status"] = "client_gone"   # the socket closed before the reply's end
