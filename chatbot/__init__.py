@@ -45,8 +45,8 @@ DEFAULTS = {
     "RATE_LIMIT_PER_MINUTE": 600,        # requests per key, all workers together; 0: no limit
     "MAX_STREAMS_PER_KEY": 64,           # replies being generated at once per key; 0: no limit
     "MAX_SOCKETS_PER_KEY": 16,           # WebSockets open at once per key, all workers together; 0: no limit
-    "WS_IDLE_TIMEOUT": 300,              # seconds a WebSocket may go without a client frame between turns; 0: none
-    "WS_PING_INTERVAL": 25,              # seconds between pings to a WebSocket's client; 0: none
+    "WS_IDLE_TIMEOUT": 300,              # seconds a WebSocket may go without a client frame between turns
+    "WS_PING_SECONDS": 25,               # seconds between pings to a WebSocket's client
     "CORS_ORIGINS": "",                  # comma-separated origins allowed from browsers, or "*"; "": CORS off
     "LOG_CONTENT": False,                # put users' messages in the request log
     "WEB_UI": True,                      # the chat page at / (chatbot/web.py)

@@ -6,7 +6,7 @@ service's threads or get round the limits every HTTP request meets:
 - a key has at most CHATBOT_MAX_SOCKETS_PER_KEY sockets open, all workers
   together (store/sockets.py); one more is a plain 429 before the upgrade;
 - a socket with no client frame for CHATBOT_WS_IDLE_TIMEOUT seconds between
-  turns is closed; pings every CHATBOT_WS_PING_INTERVAL seconds close a
+  turns is closed; pings every CHATBOT_WS_PING_SECONDS seconds close a
   socket whose peer has gone silently (and keep proxies from timing it out);
 - every frame re-checks the key (a revoked key is refused at its next frame)
   and every chat frame counts against the key's request rate;
@@ -40,7 +40,7 @@ def _server_options(state):
     config = state.app.config
     config.setdefault("SOCK_SERVER_OPTIONS", {
         "max_message_size": config["MAX_CONTENT_LENGTH"],
-        "ping_interval": config["WS_PING_INTERVAL"] or None,
+        "ping_interval": config["WS_PING_SECONDS"],
     })
 
 
@@ -78,8 +78,7 @@ class GuardedSocket:
         self.closed_by = "client"
         self.key = request.headers.get("Authorization", "").partition(" ")[2].strip()
         g.skip_request_log = True   # this socket logs its own lines
-        cfg = current_app.config
-        self.idle_timeout = float(cfg["WS_IDLE_TIMEOUT"] or 0)
+        self.idle_timeout = current_app.config["WS_IDLE_TIMEOUT"]
 
     def __getattr__(self, name):
         return getattr(self.ws, name)
@@ -97,15 +96,12 @@ class GuardedSocket:
         """The next client frame, or None once the socket has been idle for
         longer than the idle timeout (it is then closed)."""
         while True:
-            wait = RENEW_SECONDS
-            if self.idle_timeout:
-                left = self.last_frame + self.idle_timeout - time.monotonic()
-                if left <= 0:
-                    self.closed_by = "idle"
-                    self.ws.close(message=f"No frame for {self.idle_timeout:g} s.")
-                    return None
-                wait = min(wait, left)
-            raw = self.receive(timeout=wait)
+            left = self.last_frame + self.idle_timeout - time.monotonic()
+            if left <= 0:
+                self.closed_by = "idle"
+                self.ws.close(message=f"No frame for {self.idle_timeout:g} s.")
+                return None
+            raw = self.receive(timeout=min(RENEW_SECONDS, left))
             if raw is not None:
                 self.last_frame = time.monotonic()
                 return raw

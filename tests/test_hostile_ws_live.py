@@ -89,7 +89,7 @@ def _try_connect(server, headers):
 
 
 def test_an_idle_socket_is_closed_and_a_live_one_is_pinged(start_server):
-    server = start_server(CHATBOT_WS_IDLE_TIMEOUT="2", CHATBOT_WS_PING_INTERVAL="0.5")
+    server = start_server(CHATBOT_WS_IDLE_TIMEOUT="2", CHATBOT_WS_PING_SECONDS="0.5")
     ws = connect(server)
     try:
         sid = server.new_session()
