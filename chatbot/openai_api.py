@@ -28,7 +28,7 @@ from .db import get_db
 from .errors import ApiError
 from .generation import client_watcher
 from .models import ChatRequest, parse_body
-from .sessions import session_or_404
+from .sessions import session_or_404, session_quota
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 
@@ -193,11 +193,14 @@ def pick_session(conversation, key):
         return found, False
     first_user = next((m["content"] for m in conversation if m["role"] == "user"), None)
     now = store.now_iso()
-    session = store.create_session(
-        db, {}, store.make_title(first_user) if first_user else None,
-        messages=[{"role": m["role"], "content": m["content"], "created_at": now, "status": "complete"}
-                  for m in conversation if m["content"]],
-        owner=current_owner())
+    try:
+        session = store.create_session(
+            db, {}, store.make_title(first_user) if first_user else None,
+            messages=[{"role": m["role"], "content": m["content"], "created_at": now, "status": "complete"}
+                      for m in conversation if m["content"]],
+            owner=current_owner(), max_sessions=current_app.config["MAX_SESSIONS_PER_KEY"])
+    except store.SessionQuota:
+        raise session_quota() from None
     return session["session_id"], True
 
 

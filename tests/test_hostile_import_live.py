@@ -153,6 +153,12 @@ def test_sessions_per_key_have_a_quota(start_server):
     assert_problem(requests.post(server.url + "/api/sessions", headers=alice), 409, "session_quota_exceeded")
     assert_problem(post_import(server, document([message("user", "hi")]), alice), 409, "session_quota_exceeded")
     assert requests.post(server.url + "/api/sessions", headers=bob).status_code == 201   # bob is not alice
+    # The OpenAI front door makes sessions too: the same quota, in OpenAI's error shape.
+    completion = requests.post(server.url + "/v1/chat/completions", headers=alice,
+                               json={"model": "any", "messages": [{"role": "user", "content": "hi"},
+                                                                  {"role": "assistant", "content": "yo"},
+                                                                  {"role": "user", "content": "more"}]})
+    assert completion.status_code == 409 and completion.json()["error"]["code"] == "session_quota_exceeded"
     sid = requests.get(server.url + "/api/sessions", headers=alice).json()["sessions"][0]["session_id"]
     assert requests.delete(f"{server.url}/api/sessions/{sid}", headers=alice).status_code == 204
     assert requests.post(server.url + "/api/sessions", headers=alice).status_code == 201
