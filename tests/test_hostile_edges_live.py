@@ -38,7 +38,6 @@ def test_the_list_cursor_tells_nothing_of_other_keys_and_is_good_for_its_owner_o
     # global activity counters, so the difference counted bob's requests).
     for sealed in (before, after):
         raw = base64.urlsafe_b64decode(sealed + "=" * (-len(sealed) % 4))
-        assert not re.search(rb"\d+", raw.strip(b"[]")) or raw[:1] != b"["
         with pytest.raises(ValueError):
             json.loads(raw)
     # Both still work for alice, in order...
