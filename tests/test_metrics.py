@@ -120,6 +120,9 @@ def test_a_host_with_several_workers_shows_their_sum(start_server, tmp_path):
     for _ in range(6):
         other = server.new_session()
         assert requests.post(server.url + "/api/chat", json={"session_id": other, "message": "@@words=2"}).ok
+    # A request is counted when its response is closed, which may be just after the client read it.
+    assert wait_for(lambda: value(live_scrape(server), "chatbot_http_requests_total", method="POST",
+                                  route="/api/chat", status="200") == 6)
     for _ in range(4):
         page = live_scrape(server)
         assert value(page, "chatbot_replies_total", status="complete", finish_reason="stop") == 6
