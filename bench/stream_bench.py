@@ -100,6 +100,22 @@ def _environ(pid):
         return []
 
 
+def pss_kb(pid):
+    """Proportional set size of one process, in KB (shared pages split among their users)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def workers_pss_kb(pid):
+    return sum(pss_kb(p) for p in process_tree(pid)[1:])
+
+
 def cpu_snapshot(pid):
     return {p: cpu_seconds(p) for p in process_tree(pid)}
 
@@ -162,7 +178,10 @@ async def read_body(reader, headers):
             yield data
 
 
-async def stream_once(kind, host, port, path, body, timeout):
+async def stream_once(kind, host, port, path, body, timeout, extra_headers="", opened=None, hold=None):
+    """One stream, read to its end. For the memory phase: `opened` (a list) gets
+    a mark once the first text arrived, and the stream is then left open until
+    the `hold` event is set."""
     result = Result()
     payload = json.dumps(body).encode()
     sent = time.perf_counter()
@@ -171,7 +190,7 @@ async def stream_once(kind, host, port, path, body, timeout):
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+                         f"Content-Length: {len(payload)}\r\nConnection: close\r\n{extra_headers}\r\n".encode() + payload)
             status = (await reader.readline()).decode()
             headers = ""
             while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -188,6 +207,11 @@ async def stream_once(kind, host, port, path, body, timeout):
                     now = time.perf_counter()
                     if is_text(kind, block):
                         result.tokens += 1
+                        if first is None and opened is not None:
+                            opened.append(1)
+                            await hold.wait()
+                            result.ok = True
+                            return result
                         first = first or now
                         last = now
                     if is_end(kind, block):
@@ -208,11 +232,11 @@ async def stream_once(kind, host, port, path, body, timeout):
     return result
 
 
-async def run_phase(kind, host, port, path, bodies, rounds, ramp, timeout):
+async def run_phase(kind, host, port, path, bodies, rounds, ramp, timeout, extra_headers=""):
     """len(bodies) clients at once, each streaming `rounds` times in a row."""
     async def client(i, body):
         await asyncio.sleep(ramp * i / max(len(bodies), 1))  # spread the connects a little
-        return [await stream_once(kind, host, port, path, body, timeout) for _ in range(rounds)]
+        return [await stream_once(kind, host, port, path, body, timeout, extra_headers) for _ in range(rounds)]
     started = time.perf_counter()
     per_client = await asyncio.gather(*(client(i, b) for i, b in enumerate(bodies)))
     return [r for results in per_client for r in results], time.perf_counter() - started
@@ -227,6 +251,22 @@ def percentile(values, p):
     k = (len(values) - 1) * p / 100
     lo, hi = math.floor(k), math.ceil(k)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+async def hold_open(host, port, bodies, extra_headers, gunicorn_pid, timeout):
+    """Open len(bodies) streams, wait until each has its first text, measure the
+    workers' PSS while they are all open, then leave."""
+    opened, hold = [], asyncio.Event()
+    tasks = [asyncio.create_task(stream_once("backend", host, port, "/api/chat/stream", b, timeout,
+                                             extra_headers, opened, hold)) for b in bodies]
+    deadline = time.monotonic() + timeout
+    while len(opened) < len(bodies) and time.monotonic() < deadline and not all(t.done() for t in tasks):
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(2)  # let every thread touch what it touches
+    pss = workers_pss_kb(gunicorn_pid)
+    hold.set()
+    results = await asyncio.gather(*tasks)
+    return pss, len(opened), [r.error for r in results if r.error]
 
 
 def summarise(results, wall):
@@ -258,7 +298,7 @@ def fmt(x, unit=""):
 
 def print_table(rows):
     head = ["conc", "path", "ok/req", "TTFT p50", "TTFT p99", "added p50", "added p99",
-            "tok/s/stream", "tok/s total", "CPU s/1k tok"]  # CPU: the stand-in's (direct), gunicorn's (backend)
+            "tok/s/stream", "tok/s total", "vs direct", "CPU s/1k tok", "load"]  # CPU: the stand-in's (direct), gunicorn's (backend)
     lines = [head]
     for row in rows:
         for kind in ("direct", "backend"):
@@ -270,7 +310,9 @@ def print_table(rows):
                 fmt(row["added_ttft_p50_ms"], " ms") if backend else "",
                 fmt(row["added_ttft_p99_ms"], " ms") if backend else "",
                 fmt(s["tokens_per_s_per_stream_p50"]), fmt(s["tokens_per_s_total"]),
+                fmt(row["throughput_vs_direct"]) if backend else "",
                 fmt(row["gunicorn_cpu_s_per_1000_tokens" if backend else "standin_cpu_s_per_1000_tokens"]),
+                fmt(row["loadavg_1min"]) if backend else "",
             ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
@@ -295,6 +337,15 @@ def main():
     parser.add_argument("--timeout", type=float, default=300, help="seconds allowed for one stream")
     parser.add_argument("--workers", help="CHATBOT_WORKERS (default: gunicorn.conf.py's)")
     parser.add_argument("--threads", help="CHATBOT_THREADS (default: gunicorn.conf.py's)")
+    parser.add_argument("--memory", type=int, default=0, metavar="N",
+                        help="at the end, hold N long streams open and report the workers' PSS per stream")
+    parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
+                        help="record each worker with py-spy for SECONDS during the last backend phase"
+                             " (raw collapsed stacks in --out; the profiler costs CPU too)")
+    parser.add_argument("--auth", action="store_true",
+                        help="API keys on (one key, limits raised): the key check and rate limit in the path")
+    parser.add_argument("--resume-wait", type=float, default=8,
+                        help="seconds to wait before the memory phase (the grace period of replies left)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if args.words > 512:
@@ -308,6 +359,9 @@ def main():
            "CHATBOT_LLM_URL": f"http://127.0.0.1:{standin_port}", "CHATBOT_LLM_PROTOCOL": "midm",
            # Keys off: one client key would meet the per-key stream and rate limits.
            "CHATBOT_AUTH": "disabled"}
+    if args.auth:
+        env.update(CHATBOT_AUTH="required", CHATBOT_RATE_LIMIT_PER_MINUTE="10000000",
+                   CHATBOT_MAX_STREAMS_PER_KEY="0")
     if args.workers:
         env["CHATBOT_WORKERS"] = args.workers
     if args.threads:
@@ -316,17 +370,25 @@ def main():
     gunicorn = start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
                      f"http://127.0.0.1:{service_port}/api/health", env, log=log)
     service = f"http://127.0.0.1:{service_port}"
+    headers, raw_headers = {}, ""
+    if args.auth:
+        sys.path.insert(0, str(ROOT))
+        from chatbot import access, db
+        conn = db.connect(env["CHATBOT_DATABASE"])
+        headers = {"Authorization": f"Bearer {access.create_key(conn, 'bench')}"}
+        conn.close()
+        raw_headers = f"Authorization: {headers['Authorization']}\r\n"
     message = f"@@words={args.words}"
     direct_body = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
                                 {"role": "user", "content": message}],
                    "max_new_tokens": 512, "temperature": 0.7, "do_sample": False}
-    rows = []
+    rows, memory, profiles = [], None, []
     load_before = os.getloadavg()
     try:
         # Warm up both paths (imports, first connections) before measuring.
-        warm = requests.post(service + "/api/sessions").json()["session_id"]
+        warm = requests.post(service + "/api/sessions", headers=headers).json()["session_id"]
         asyncio.run(stream_once("backend", "127.0.0.1", service_port, "/api/chat/stream",
-                                {"session_id": warm, "message": "@@words=3"}, 30))
+                                {"session_id": warm, "message": "@@words=3"}, 30, raw_headers))
         asyncio.run(stream_once("direct", "127.0.0.1", standin_port, "/chat/stream", direct_body, 30))
         for concurrency in args.concurrency:
             rounds = max(args.rounds, math.ceil(args.min_samples / concurrency))
@@ -339,17 +401,34 @@ def main():
             direct = summarise(results, wall)
             standin_cpu = cpu_seconds(standin.pid) - standin_before
             # One session per client: a session takes one reply at a time.
-            sessions = [requests.post(service + "/api/sessions").json()["session_id"]
+            sessions = [requests.post(service + "/api/sessions", headers=headers).json()["session_id"]
                         for _ in range(concurrency)]
+            spies = []
+            if args.py_spy and concurrency == args.concurrency[-1]:
+                spies = [(pid, subprocess.Popen(
+                    [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--nonblocking",
+                     "--duration", str(args.py_spy), "--format", "raw", "--output",
+                     str(Path(args.out) / f"py-spy-{pid}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    for pid in process_tree(gunicorn.pid)[1:]]
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+            load = os.getloadavg()[0]
             before = cpu_snapshot(gunicorn.pid)
             results, wall = asyncio.run(run_phase(
                 "backend", "127.0.0.1", service_port, "/api/chat/stream",
-                [{"session_id": s, "message": message} for s in sessions], rounds, args.ramp, args.timeout))
+                [{"session_id": s, "message": message} for s in sessions], rounds, args.ramp, args.timeout,
+                raw_headers))
             after = cpu_snapshot(gunicorn.pid)
+            for pid, spy in spies:
+                spy.wait()
+                profiles.append(str(Path(args.out) / f"py-spy-{pid}.txt"))
             backend = summarise(results, wall)
             cpu = cpu_used(before, after)
             rows.append({
                 "concurrency": concurrency, "rounds": rounds, "direct": direct, "backend": backend,
+                "loadavg_1min": round(load, 2),
+                "throughput_vs_direct": round(backend["tokens_per_s_total"] / direct["tokens_per_s_total"], 3)
+                if backend["tokens_per_s_total"] and direct["tokens_per_s_total"] else None,
                 "added_ttft_p50_ms": _diff(backend["ttft_p50_ms"], direct["ttft_p50_ms"]),
                 "added_ttft_p99_ms": _diff(backend["ttft_p99_ms"], direct["ttft_p99_ms"]),
                 "gunicorn_cpu_s": round(cpu, 3), "gunicorn_processes": len(after),
@@ -359,6 +438,18 @@ def main():
                 "standin_cpu_s_per_1000_tokens": round(standin_cpu / direct["tokens"] * 1000, 3)
                 if direct["tokens"] else None,
             })
+        if args.memory:
+            time.sleep(args.resume_wait)  # replies of the last phase end, their threads go idle
+            idle = workers_pss_kb(gunicorn.pid)
+            sessions = [requests.post(service + "/api/sessions", headers=headers).json()["session_id"]
+                        for _ in range(args.memory)]
+            long = "@@words=400 @@delay=0.1"  # 40 s: open for the whole measurement
+            pss, opened, errors = asyncio.run(hold_open(
+                "127.0.0.1", service_port, [{"session_id": s, "message": long} for s in sessions],
+                raw_headers, gunicorn.pid, min(args.timeout, 60)))
+            memory = {"streams": args.memory, "opened": opened, "idle_pss_kb": idle, "open_pss_kb": pss,
+                      "kb_per_stream": round((pss - idle) / max(opened, 1), 1), "errors": errors[:5],
+                      "workers": len(process_tree(gunicorn.pid)) - 1}
     finally:
         workers = process_tree(gunicorn.pid)[1:]
         stop(gunicorn)
@@ -374,9 +465,17 @@ def main():
                      "threads": args.threads or "gunicorn.conf.py default"},
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "results": rows,
+        "memory": memory,
+        "py_spy": profiles,
     }
     print()
     print_table(rows)
+    if memory:
+        print(f"\nmemory: workers' PSS {memory['idle_pss_kb'] / 1024:.1f} MB idle, "
+              f"{memory['open_pss_kb'] / 1024:.1f} MB with {memory['opened']} streams open: "
+              f"{memory['kb_per_stream']} KB per open stream ({memory['workers']} workers)")
+    for path in profiles:
+        print(f"py-spy: {path}")
     print(f"\nload average before/after: {load_before[0]:.1f} / {report['machine']['loadavg_after'][0]:.1f} "
           f"on {os.cpu_count()} CPUs (client, stand-in and service share them)")
     out = Path(args.out)
