@@ -339,7 +339,7 @@ def main():
     parser.add_argument("--threads", help="CHATBOT_THREADS (default: gunicorn.conf.py's)")
     parser.add_argument("--memory", type=int, default=0, metavar="N",
                         help="at the end, hold N long streams open and report the workers' PSS per stream")
-    parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
+    parser.add_argument("--py-spy", type=int, default=0, metavar="SECONDS",
                         help="record each worker with py-spy for SECONDS during the last backend phase"
                              " (raw collapsed stacks in --out; the profiler costs CPU too)")
     parser.add_argument("--auth", action="store_true",
@@ -405,13 +405,13 @@ def main():
                         for _ in range(concurrency)]
             spies = []
             if args.py_spy and concurrency == args.concurrency[-1]:
-                spies = [(pid, subprocess.Popen(
-                    [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--nonblocking",
-                     "--duration", str(args.py_spy), "--format", "raw", "--output",
-                     str(Path(args.out) / f"py-spy-{pid}.txt")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                    for pid in process_tree(gunicorn.pid)[1:]]
                 Path(args.out).mkdir(parents=True, exist_ok=True)
+                spies = [(pid, subprocess.Popen(
+                    [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--nonblocking", "--gil",
+                     "--duration", str(int(args.py_spy)), "--format", "raw", "--output",
+                     str(Path(args.out) / f"py-spy-{pid}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=open(Path(args.out) / f"py-spy-{pid}.log", "wb")))
+                    for pid in process_tree(gunicorn.pid)[1:]]
             load = os.getloadavg()[0]
             before = cpu_snapshot(gunicorn.pid)
             results, wall = asyncio.run(run_phase(

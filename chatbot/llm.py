@@ -7,6 +7,7 @@ connection, which is how a client that left or a stop request reaches the
 upstream, even while it has not answered yet.
 """
 import codecs
+import http.cookiejar
 import json
 import logging
 import re
@@ -22,6 +23,10 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 READ_SIZE = 65536
+# After the stream's last event, how long the end of its body may take to
+# arrive for the connection to go back to the pool (else it is closed).
+DRAIN_SECONDS = 0.05
+DRAIN_BYTES = 65536
 ERROR_BODY_LOGGED = 300   # characters of an upstream's error body that reach the log
 
 log = logging.getLogger(__name__)
@@ -219,8 +224,9 @@ def sse_data(read):
 
 # requests.post returns only once the upstream sent its headers, which a busy
 # server (llama.cpp behind its lock) may hold back for minutes; until then there
-# is no response to close. So the connections a Call opens hand their socket to
-# the Call being sent from this thread, and abort() can shut it down.
+# is no response to close. So the connection a Call sends on, new or taken from
+# the pool, hands its socket to the Call being sent from this thread, and
+# abort() can shut it down.
 _sending = threading.local()
 
 
@@ -229,8 +235,14 @@ class _ReportedSocket:
         sock = super()._new_conn()
         call = getattr(_sending, "call", None)
         if call is not None:
-            call._connected(sock)
+            call._connected(sock, reused=False)
         return sock
+
+    def request(self, *args, **kwargs):
+        call = getattr(_sending, "call", None)
+        if call is not None and self.sock is not None:  # a kept-alive connection from the pool
+            call._connected(self.sock, reused=True)
+        return super().request(*args, **kwargs)
 
 
 class _HTTPPool(urllib3.HTTPConnectionPool):
@@ -241,12 +253,19 @@ class _HTTPSPool(urllib3.HTTPSConnectionPool):
     ConnectionCls = type("HTTPSConnection", (_ReportedSocket, urllib3.connection.HTTPSConnection), {})
 
 
+POOL_SIZE = 64   # kept-alive upstream connections per host; more at once are opened and closed
+
+
 def _session():
-    """A requests session (one per call, as requests.post makes) whose
-    connections report their socket."""
-    adapter = HTTPAdapter()
+    """A requests session whose connections report their socket. One per
+    Upstream, shared by its calls' threads: its pool keeps connections alive
+    between turns (no connection set-up on a turn's path), and making a
+    session per call cost more CPU than the call's other work. It keeps no
+    cookies, so calls share nothing but connections."""
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
     adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
     session = requests.Session()
+    session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -263,6 +282,7 @@ class Upstream:
         self.first_token_timeout = float(config["LLM_FIRST_TOKEN_TIMEOUT"])
         self.retries = int(config["LLM_CONNECT_RETRIES"])
         self.health_timeout = float(config["HEALTH_TIMEOUT"])
+        self.session = _session()
 
     def headers(self):
         headers = {"Accept-Encoding": "identity"}  # compressed SSE would be held back
@@ -315,11 +335,13 @@ class Call:
         self._lock = threading.Lock()
         self._response = None
         self._socket = None     # the connection's socket, before there is a response
+        self._reused = False    # that connection came from the pool
         self._aborted = False
+        self._finished = False  # the connection went back to the pool or was closed: abort() must not touch it
 
-    def _connected(self, sock):
+    def _connected(self, sock, reused):
         with self._lock:
-            self._socket = sock
+            self._socket, self._reused = sock, reused
             aborted = self._aborted
         if aborted:
             _shutdown(sock)
@@ -335,6 +357,17 @@ class Call:
             except requests.ConnectionError as e:
                 if self._aborted:
                     raise UpstreamCut("The request was aborted.") from None
+                if self._reused and isinstance(e.args[0], urllib3.exceptions.ProtocolError):
+                    # The server closed a kept-alive connection as we sent on it: it never
+                    # saw the request. Once more, on a new connection (the pool dropped that one).
+                    self._reused = False
+                    try:
+                        return self._send(timeout)
+                    except requests.ConnectionError:
+                        if self._aborted:
+                            raise UpstreamCut("The request was aborted.") from None
+                        log.warning("LLM server %s cannot be reached: %s", up.shown_url, "a kept-alive connection and a new one failed")
+                        raise UpstreamUnavailable("The LLM server cannot be reached.") from None
                 # Nothing was sent yet, so a refused connection is safe to retry.
                 if attempt == up.retries or isinstance(e.args[0], urllib3.exceptions.ProtocolError):
                     log.warning("LLM server %s cannot be reached: %s", up.shown_url, type(e).__name__)
@@ -346,9 +379,8 @@ class Call:
     def _send(self, timeout):
         _sending.call = self
         try:
-            with _session() as session:
-                return session.post(self.url, json=self.body, headers=self.upstream.headers(), stream=True,
-                                    timeout=timeout)
+            return self.upstream.session.post(self.url, json=self.body, headers=self.upstream.headers(),
+                                              stream=True, timeout=timeout)
         finally:
             _sending.call = None
 
@@ -380,17 +412,18 @@ class Call:
             self._response = r
             aborted = self._aborted
         if aborted:  # the turn ended while we waited for the answer's headers
-            r.close()
+            self._close(r)
             raise UpstreamCut("The request was aborted.")
         try:
             self._check_status(r)
         except UpstreamError:
-            r.close()
+            self._close(r)
             raise
 
     def chunks(self):
         """Yield the answer's Chunks as they arrive (after open())."""
         r = self._response
+        whole = False   # the body was read to its end: the connection can be reused
         try:
             midm = self.upstream.protocol == "midm"
             if not self.stream:
@@ -398,6 +431,7 @@ class Call:
                     body = r.json()
                 except ValueError:
                     raise UpstreamError("The LLM server's answer is not JSON.") from None
+                whole = True
                 chunk = parse_whole(self.upstream.protocol, body)
                 if midm and not body.get("finish_reason"):
                     chunk.finish_reason = midm_finish_reason(chunk.usage, self.body.get("max_new_tokens"),
@@ -408,6 +442,7 @@ class Call:
             for data in sse_data(lambda: r.raw.read1(READ_SIZE)):
                 chunk = parse_event(data)
                 if chunk is None:
+                    whole = self._drain(r)
                     break
                 finish_reason = chunk.finish_reason or finish_reason
                 typed = typed or chunk.kind is not None
@@ -433,21 +468,56 @@ class Call:
                 raise UpstreamTimeout("The LLM server stopped sending in time.") from None
             raise UpstreamCut("The LLM server broke off the answer.") from None
         finally:
-            r.close()
+            self._close(r, reuse=whole)
+
+    @staticmethod
+    def _drain(r):
+        """After the last event: read the rest of the body if it comes at once
+        (the end of a chunked body), so that the connection can be kept.
+        An upstream that sends more, or holds its body open, loses it."""
+        sock = getattr(r.raw._connection, "sock", None)
+        if sock is None or r.raw.closed:
+            return r.raw.closed
+        try:
+            sock.settimeout(DRAIN_SECONDS)
+            left = DRAIN_BYTES
+            while left > 0:
+                data = r.raw.read1(READ_SIZE)
+                if not data:
+                    return True
+                left -= len(data)
+        except (OSError, urllib3.exceptions.HTTPError, ValueError):
+            pass
+        return False
+
+    def _close(self, r, reuse=False):
+        """Give the connection back to the pool (a body read whole) or close it.
+        Under the lock: abort() must never shut down a connection another call took from the pool."""
+        with self._lock:
+            self._finished = True
+            try:
+                if reuse and not self._aborted and r.headers.get("Connection", "").lower() != "close":
+                    r.raw.release_conn()
+                else:
+                    r.close()
+            except Exception:  # noqa: BLE001 - closing must not mask the outcome
+                log.debug("closing the upstream response failed", exc_info=True)
 
     def abort(self):
         """Close the upstream connection now, waking a read blocked on it,
         or requests.post still waiting for the answer's headers."""
         with self._lock:
             self._aborted = True
+            if self._finished:
+                return
             r, sock = self._response, self._socket
-        if r is not None:
-            try:
-                r.raw.shutdown()  # shuts the socket down: the blocked read returns, chunks() closes it
-            except (ValueError, RuntimeError, OSError):
-                pass  # already finished and released
-        elif sock is not None:
-            _shutdown(sock)
+            if r is not None:
+                try:
+                    r.raw.shutdown()  # shuts the socket down: the blocked read returns, chunks() closes it
+                except (ValueError, RuntimeError, OSError):
+                    pass  # already finished and released
+            elif sock is not None:
+                _shutdown(sock)
 
 
 def _shutdown(sock):
