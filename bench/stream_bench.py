@@ -47,8 +47,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(args, url, env=None, timeout=60, log=None):
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})},
+def start(args, url, env=None, timeout=60, log=None, cwd=ROOT):
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb") if log else subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,6 +110,46 @@ def pss_kb(pid):
     except OSError:
         pass
     return 0
+
+
+def pss_by_kind(pid):
+    """A process's PSS in KB by kind of mapping: where memory per stream goes.
+    Thread stacks are 8 MB mappings (glibc's default), malloc's per-thread arenas
+    64 MB ones, the main heap [heap]; the rest is other anonymous memory (Python's
+    own object arenas among it) and files."""
+    kinds = {}
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            kind = None
+            for line in f:
+                first = line.split()
+                if "-" in first[0] and len(first) >= 5 and ":" not in first[0]:
+                    lo, hi = (int(x, 16) for x in first[0].split("-"))
+                    name = first[5] if len(first) > 5 else ""
+                    size = hi - lo
+                    if name.startswith("["):
+                        kind = name
+                    elif name:
+                        kind = "files"
+                    elif size in (8 * 1024 * 1024, 8 * 1024 * 1024 - 4096) or 8 * 1024 * 1024 <= size <= 8 * 1024 * 1024 + 4096:
+                        kind = "thread stacks (8 MB maps)"
+                    elif size >= 32 * 1024 * 1024:
+                        kind = "malloc arenas (64 MB maps)"
+                    else:
+                        kind = "other anonymous"
+                elif first[0] == "Pss:":
+                    kinds[kind] = kinds.get(kind, 0) + int(first[1])
+    except OSError:
+        pass
+    return kinds
+
+
+def workers_pss_by_kind(pid):
+    total = {}
+    for p in process_tree(pid)[1:]:
+        for kind, kb in pss_by_kind(p).items():
+            total[kind] = total.get(kind, 0) + kb
+    return total
 
 
 def workers_pss_kb(pid):
@@ -263,10 +303,10 @@ async def hold_open(host, port, bodies, extra_headers, gunicorn_pid, timeout):
     while len(opened) < len(bodies) and time.monotonic() < deadline and not all(t.done() for t in tasks):
         await asyncio.sleep(0.2)
     await asyncio.sleep(2)  # let every thread touch what it touches
-    pss = workers_pss_kb(gunicorn_pid)
+    pss, kinds = workers_pss_kb(gunicorn_pid), workers_pss_by_kind(gunicorn_pid)
     hold.set()
     results = await asyncio.gather(*tasks)
-    return pss, len(opened), [r.error for r in results if r.error]
+    return pss, kinds, len(opened), [r.error for r in results if r.error]
 
 
 def summarise(results, wall):
@@ -346,6 +386,9 @@ def main():
                         help="API keys on (one key, limits raised): the key check and rate limit in the path")
     parser.add_argument("--resume-wait", type=float, default=8,
                         help="seconds to wait before the memory phase (the grace period of replies left)")
+    parser.add_argument("--root", default=str(ROOT),
+                        help="the checkout whose service is measured (this script stays the same), e.g. an"
+                             " older commit's tree, for a before/after comparison on one machine")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if args.words > 512:
@@ -368,7 +411,7 @@ def main():
         env["CHATBOT_THREADS"] = args.threads
     log = f"{tmp}/gunicorn.log"
     gunicorn = start([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-                     f"http://127.0.0.1:{service_port}/api/health", env, log=log)
+                     f"http://127.0.0.1:{service_port}/api/health", env, log=log, cwd=args.root)
     service = f"http://127.0.0.1:{service_port}"
     headers, raw_headers = {}, ""
     if args.auth:
@@ -440,16 +483,18 @@ def main():
             })
         if args.memory:
             time.sleep(args.resume_wait)  # replies of the last phase end, their threads go idle
-            idle = workers_pss_kb(gunicorn.pid)
+            idle, idle_kinds = workers_pss_kb(gunicorn.pid), workers_pss_by_kind(gunicorn.pid)
             sessions = [requests.post(service + "/api/sessions", headers=headers).json()["session_id"]
                         for _ in range(args.memory)]
             long = "@@words=400 @@delay=0.1"  # 40 s: open for the whole measurement
-            pss, opened, errors = asyncio.run(hold_open(
+            pss, kinds, opened, errors = asyncio.run(hold_open(
                 "127.0.0.1", service_port, [{"session_id": s, "message": long} for s in sessions],
                 raw_headers, gunicorn.pid, min(args.timeout, 60)))
             memory = {"streams": args.memory, "opened": opened, "idle_pss_kb": idle, "open_pss_kb": pss,
                       "kb_per_stream": round((pss - idle) / max(opened, 1), 1), "errors": errors[:5],
-                      "workers": len(process_tree(gunicorn.pid)) - 1}
+                      "workers": len(process_tree(gunicorn.pid)) - 1,
+                      "kb_per_stream_by_kind": {k: round((kinds.get(k, 0) - idle_kinds.get(k, 0)) / max(opened, 1), 1)
+                                                for k in sorted(set(kinds) | set(idle_kinds))}}
     finally:
         workers = process_tree(gunicorn.pid)[1:]
         stop(gunicorn)
@@ -461,6 +506,8 @@ def main():
     report = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "commit": subprocess.run(["git", "-C", args.root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip() or args.root,
         "gunicorn": {"workers": args.workers or "gunicorn.conf.py default",
                      "threads": args.threads or "gunicorn.conf.py default"},
         "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
@@ -474,6 +521,8 @@ def main():
         print(f"\nmemory: workers' PSS {memory['idle_pss_kb'] / 1024:.1f} MB idle, "
               f"{memory['open_pss_kb'] / 1024:.1f} MB with {memory['opened']} streams open: "
               f"{memory['kb_per_stream']} KB per open stream ({memory['workers']} workers)")
+        print("  per stream by kind: " + ", ".join(f"{k} {v} KB" for k, v in memory["kb_per_stream_by_kind"].items()
+                                                    if abs(v) >= 0.5))
     for path in profiles:
         print(f"py-spy: {path}")
     print(f"\nload average before/after: {load_before[0]:.1f} / {report['machine']['loadavg_after'][0]:.1f} "

@@ -10,7 +10,10 @@ yield the same events, (kind, value, position):
     ("start", ids, None)  ("delta", text, end position)  ("idle", None, None)
     and last ("done", message, length) or ("error", problem, length)
 
-JSON, SSE, WebSocket and the OpenAI door only frame these events.
+"idle" means "nothing more for now": it comes after each run of deltas that
+were waiting together, and each TICK while nothing arrives. So a framer can
+send a run of deltas in one write (chat.py's SSE does) and knows when to send
+a keep-alive. JSON, SSE, WebSocket and the OpenAI door only frame these events.
 
 One `Monitor` thread per process looks after all its running turns at once:
 it appends their new text to the database (one transaction for all of them),
@@ -236,8 +239,7 @@ class Turn:
             if terminal:
                 yield terminal[0], terminal[1], max(length, sent)
                 return
-            if not pieces:
-                yield "idle", None, None
+            yield "idle", None, None   # the framer sends what it holds
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + CLIENT_CHECK_SECONDS
@@ -277,8 +279,7 @@ def follow_stored(config, reply, after=0, client_gone=None):
                 store.watch(conn, message["message_id"], WATCH_SECONDS)
                 if client_gone():
                     return
-            if not pieces:
-                yield "idle", None, None
+            yield "idle", None, None
             time.sleep(TICK)
     finally:
         conn.close()
