@@ -91,7 +91,7 @@ class Turn:
     def start(self):
         metrics.turn_started()
         MONITOR.add(self)
-        threading.Thread(target=self._produce, daemon=True, name="turn-producer").start()
+        PRODUCERS.run(self._produce)
         return self
 
     def end(self, status, finish_reason, error=None):
@@ -297,6 +297,51 @@ def terminal_event(message):
 def outcome_status(error):
     """The HTTP status that goes with an error code of a turn."""
     return {"upstream_unavailable": 503, "upstream_timeout": 504}.get(error["code"], 502)
+
+
+class Producers:
+    """The threads that produce turns. One that finished its turn waits a while
+    for the next one: starting a thread per turn (and waiting for it to start)
+    cost more CPU than the rest of a short turn's set-up."""
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.idle = []   # slots [wake-up lock, task] of threads waiting for a task
+        self.pid = os.getpid()
+
+    def run(self, task):
+        with self.lock:
+            if self.pid != os.getpid():  # a forked child has none of its parent's threads
+                self.pid, self.idle = os.getpid(), []
+            slot = self.idle.pop() if self.idle else None
+        if slot is None:
+            threading.Thread(target=self._serve, args=(task,), daemon=True, name="turn-producer").start()
+        else:
+            slot[1] = task
+            slot[0].release()
+
+    def _serve(self, task):
+        slot = [threading.Lock(), None]
+        slot[0].acquire()
+        while True:
+            try:
+                task()
+            except BaseException:  # _produce logs its own; this thread must survive anything
+                log.exception("turn producer: task failed")
+            with self.lock:
+                self.idle.append(slot)
+            if not slot[0].acquire(timeout=self.IDLE_SECONDS):
+                with self.lock:
+                    if any(s is slot for s in self.idle):  # nobody took this thread: it ends
+                        self.idle = [s for s in self.idle if s is not slot]
+                        return
+                slot[0].acquire()  # taken at the last moment: its task is on the way
+            task, slot[1] = slot[1], None
+
+
+PRODUCERS = Producers()
 
 
 class Monitor:
