@@ -293,7 +293,7 @@ def percentile(values, p):
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def hold_open(host, port, bodies, extra_headers, gunicorn_pid, timeout):
+async def hold_open(host, port, bodies, extra_headers, gunicorn_pid, timeout, settle):
     """Open len(bodies) streams, wait until each has its first text, measure the
     workers' PSS while they are all open, then leave."""
     opened, hold = [], asyncio.Event()
@@ -302,7 +302,7 @@ async def hold_open(host, port, bodies, extra_headers, gunicorn_pid, timeout):
     deadline = time.monotonic() + timeout
     while len(opened) < len(bodies) and time.monotonic() < deadline and not all(t.done() for t in tasks):
         await asyncio.sleep(0.2)
-    await asyncio.sleep(2)  # let every thread touch what it touches
+    await asyncio.sleep(settle)  # the streams run a while: what they hold is what a running stream holds
     pss, kinds = workers_pss_kb(gunicorn_pid), workers_pss_by_kind(gunicorn_pid)
     hold.set()
     results = await asyncio.gather(*tasks)
@@ -384,6 +384,8 @@ def main():
                              " (raw collapsed stacks in --out; the profiler costs CPU too)")
     parser.add_argument("--auth", action="store_true",
                         help="API keys on (one key, limits raised): the key check and rate limit in the path")
+    parser.add_argument("--settle", type=float, default=8,
+                        help="seconds the memory phase's streams run before their PSS is read")
     parser.add_argument("--resume-wait", type=float, default=8,
                         help="seconds to wait before the memory phase (the grace period of replies left)")
     parser.add_argument("--root", default=str(ROOT),
@@ -489,7 +491,7 @@ def main():
             long = "@@words=400 @@delay=0.1"  # 40 s: open for the whole measurement
             pss, kinds, opened, errors = asyncio.run(hold_open(
                 "127.0.0.1", service_port, [{"session_id": s, "message": long} for s in sessions],
-                raw_headers, gunicorn.pid, min(args.timeout, 60)))
+                raw_headers, gunicorn.pid, min(args.timeout, 60), args.settle))
             memory = {"streams": args.memory, "opened": opened, "idle_pss_kb": idle, "open_pss_kb": pss,
                       "kb_per_stream": round((pss - idle) / max(opened, 1), 1), "errors": errors[:5],
                       "workers": len(process_tree(gunicorn.pid)) - 1,

@@ -22,6 +22,8 @@ stopped, lost its lease or has had no listener for CHATBOT_RESUME_GRACE
 seconds, by aborting its upstream call (which wakes the producer's read).
 """
 import bisect
+import ctypes
+import ctypes.util
 import logging
 import os
 import secrets
@@ -42,6 +44,7 @@ CLIENT_CHECK_SECONDS = 0.5
 WATCH_SECONDS = 3.0      # how long a client attached through another process counts as listening
 SWEEP_SECONDS = 5.0      # how often replies of dead workers elsewhere are looked for
 PRUNE_SECONDS = 600.0    # how often expired idempotency keys and old activity rows are deleted
+TRIM_SECONDS = 5.0       # how often, while turns start, freed memory goes back to the system
 # Set by the gunicorn worker shortly before a graceful stop would kill it
 # (gunicorn.conf.py): running turns end as incomplete and say so.
 SHUTDOWN = threading.Event()
@@ -356,10 +359,13 @@ class Monitor:
         self.turns = {}
         self.thread = None
         self.pid = None
+        self.started = 0      # turns started since memory was last trimmed
+        self.trimmed = 0.0
 
     def add(self, turn):
         with self.lock:
             self.turns[turn.reply_id] = turn
+            self.started += 1
             if self.thread is None or not self.thread.is_alive() or self.pid != os.getpid():
                 if self.thread is not None and self.pid == os.getpid():
                     log.error("turn monitor: the thread had died; starting it again")
@@ -413,6 +419,9 @@ class Monitor:
             if now - state["pruned"] >= PRUNE_SECONDS:
                 state["pruned"] = now
                 store.prune(state["conn"], state["config"]["IDEMPOTENCY_TTL"])
+        if self.started and now - self.trimmed >= TRIM_SECONDS:
+            self.started, self.trimmed = 0, now
+            trim_memory()
 
     @staticmethod
     def _save(state, group, now):
@@ -463,6 +472,25 @@ class Monitor:
 
 
 MONITOR = Monitor()
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_memory():
+    """Give freed heap memory back to the system. A burst of turns starting at
+    once (each opens a database connection, parses a request, starts an upstream
+    call) leaves glibc's heaps full of freed holes that it keeps otherwise: about
+    a third of a worker's memory per open stream in the benchmark."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def client_watcher(environ):
