@@ -475,9 +475,9 @@ class Call:
         """After the last event: read the rest of the body if it comes at once
         (the end of a chunked body), so that the connection can be kept.
         An upstream that sends more, or holds its body open, loses it."""
-        sock = getattr(r.raw._connection, "sock", None)
-        if sock is None or r.raw.closed:
-            return r.raw.closed
+        sock = getattr(getattr(r.raw, "_connection", None), "sock", None)
+        if sock is None:  # not a urllib3 connection's body (or already closed): nothing to keep
+            return False
         try:
             sock.settimeout(DRAIN_SECONDS)
             left = DRAIN_BYTES
