@@ -7,6 +7,8 @@ import os
 import click
 from flask import Flask
 
+from .store import StoreUnavailable
+
 DEFAULTS = {
     # Every setting, with its default; CHATBOT_<NAME> in the environment overrides it.
     "LLM_URL": "http://127.0.0.1:8000",
@@ -57,6 +59,8 @@ DEFAULTS = {
     "THREADS": 256,                      # per worker: each open stream holds one
     "WORKER_TIMEOUT": 30,                # gunicorn's heartbeat of a worker's main loop, not a request limit
     "GRACEFUL_TIMEOUT": 30,              # seconds running streams get to finish on a stop or reload
+    # PostgreSQL (CHATBOT_DATABASE=postgresql://...): connections per worker process
+    "DB_POOL_SIZE": 10,
 }
 
 
@@ -70,11 +74,16 @@ def create_app(test_config=None):
     if test_config is not None:
         app.config.update(test_config)
     app.config.update(settings.check(app.config))  # SettingsError names a bad one
+    from . import db
+    try:
+        db.check_database(app.config["DATABASE"])
+    except ValueError as e:   # a bad URL: one clear line, at start
+        raise settings.SettingsError(str(e)) from None
     app.json.ensure_ascii = False  # Korean stays readable in answers
     app.json.sort_keys = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
-    from . import access, chat, db, errors, health, metrics, openai_api, openapi, requestlog, sessions, ws
+    from . import access, chat, errors, health, metrics, openai_api, openapi, requestlog, sessions, ws
     from .llm import Upstream
 
     app.extensions["upstream"] = Upstream(app.config)
@@ -89,8 +98,12 @@ def create_app(test_config=None):
         from . import web
         app.register_blueprint(web.bp)
 
-    with app.app_context():
+    try:
         db.init_db(app.config["DATABASE"])  # idempotent: creates what is missing
+    except StoreUnavailable as e:
+        # PostgreSQL down while a worker starts: serve 503s until it is back,
+        # rather than failing to boot (init-db or the master made the tables).
+        logging.getLogger(__name__).error("database unavailable at start: %s", e)
 
     @app.cli.command("dev-llm")
     @click.option("--host", default="127.0.0.1")

@@ -1,28 +1,137 @@
-"""SQLite: one connection per request (kept on g), the schema, init-db."""
+"""The database: SQLite (a file path) or PostgreSQL (a postgresql:// URL, see pg.py)
+behind one connection interface, a connection per request (kept on g), the
+schema, init-db and copy-db.
+
+A connection has execute(sql, params) with sqlite3's placeholders (`?`,
+`:name`) and rows that read like sqlite3.Row, transaction(), lock(*key) and
+close(); driver errors come out as the store's (store/base.py).
+"""
+import contextlib
 import os
 import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import click
 from flask import current_app, g
 
-from .migrations import migrate
+from .migrations import create_or_upgrade
 from .store import recover_dead_generations
+from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable
 
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = {"sqlite": ROOT / "schema.sql", "postgresql": ROOT / "schema-postgresql.sql"}
 BUSY_TIMEOUT_MS = 15000
 # The WAL shrinks back to this many bytes once checkpointed (it would otherwise
 # stay as large as the largest burst of writes ever made); CHATBOT_WAL_SIZE_LIMIT.
 journal_size_limit = 64 * 1024 * 1024
 
+# SQLite has one writer at a time. Threads of one process queue for it here, in
+# order, instead of in SQLite's busy handler, which polls with sleeps and lets a
+# crowd of hundreds of streams starve some of them past the busy timeout.
+_writer = threading.Lock()
+_no_lock = contextlib.nullcontext()
 
-def connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS):
-    """Open a connection with the pragmas SQLite leaves off by default.
 
-    Pragmas are per connection, so every connection goes through here.
-    isolation_level=None: we open write transactions ourselves and keep them short.
-    """
-    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                           check_same_thread=False)
-    conn.row_factory = sqlite3.Row
+def is_url(database):
+    return "://" in str(database)
+
+
+def _sqlite_error(e):
+    text = str(e)
+    if isinstance(e, sqlite3.OperationalError):
+        if "locked" in text or "busy" in text:
+            return StoreBusy(text)
+        if "unable to open" in text or "disk I/O" in text:
+            return StoreUnavailable(text)
+    if isinstance(e, sqlite3.IntegrityError):
+        return Conflict(text)
+    return StoreError(text)
+
+
+class SqliteConnection:
+    engine = "sqlite"
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def execute(self, sql, params=()):
+        try:
+            cursor = self.raw.execute(sql, params)
+            # Fetched at once, as on PostgreSQL: driver errors happen here, not in a later fetch.
+            return Result(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+        except sqlite3.Error as e:
+            raise _sqlite_error(e) from e
+
+    def executescript(self, sql):
+        try:
+            self.raw.executescript(sql)
+        except sqlite3.Error as e:
+            raise _sqlite_error(e) from e
+
+    @contextmanager
+    def transaction(self, write=True):
+        """BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, so a
+        read-then-write cannot be overtaken by another process. With
+        write=False, BEGIN: reads that see one snapshot (WAL), no lock."""
+        with _writer if write else _no_lock:
+            self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.execute("ROLLBACK")
+                raise
+            self.execute("COMMIT")
+
+    def lock(self, *key):
+        """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
+
+    def close(self):
+        self.raw.close()
+
+
+class Result:
+    def __init__(self, rows, rowcount):
+        self._rows, self.rowcount = rows, rowcount
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self):
+        return self._rows
+
+    def __iter__(self):
+        return iter(self._rows)
+
+
+def check_database(database):
+    """Raise ValueError (one clear line) when CHATBOT_DATABASE cannot be used."""
+    if is_url(database):
+        try:
+            from . import pg
+        except ImportError:
+            raise ValueError("CHATBOT_DATABASE is a URL, but psycopg is not installed "
+                             "(pip install -r requirements.txt)") from None
+        pg.check_url(str(database))
+
+
+def connect(database, busy_timeout_ms=BUSY_TIMEOUT_MS):
+    """A connection of its own (not pooled): SQLite with the pragmas it leaves
+    off by default (they are per connection), or PostgreSQL. busy_timeout_ms:
+    how long a statement waits for a lock another connection holds."""
+    if is_url(database):
+        from . import pg
+        return pg.connect(str(database), busy_timeout_ms)
+    # isolation_level=None: we open write transactions ourselves and keep them short.
+    try:
+        raw = sqlite3.connect(database, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                              check_same_thread=False)
+    except sqlite3.Error as e:
+        raise _sqlite_error(e) from e
+    raw.row_factory = sqlite3.Row
+    conn = SqliteConnection(raw)
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
     conn.execute("PRAGMA journal_mode = WAL")
@@ -31,27 +140,61 @@ def connect(path, busy_timeout_ms=BUSY_TIMEOUT_MS):
     return conn
 
 
+def _open(config):
+    database = config["DATABASE"]
+    if is_url(database):
+        from . import pg
+        return pg.borrow(str(database), config["DB_POOL_SIZE"])
+    return connect(database)
+
+
+@contextmanager
+def connection(config):
+    """A connection for a moment, outside a request (from the pool on PostgreSQL)."""
+    conn = _open(config)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
 def get_db():
     if "db" not in g:
-        g.db = connect(current_app.config["DATABASE"])
+        g.db = _open(current_app.config)
     return g.db
 
 
 def close_db(e=None):
+    """Give the request's connection back (at teardown, or before a long wait)."""
     db = g.pop("db", None)
     if db is not None:
         db.close()
 
 
-def init_db(path):
-    """Create missing tables (schema.sql is idempotent), apply pending
-    migrations, and recover replies left pending by a worker process that died."""
-    private_file(path)
-    schema = current_app.open_resource("../schema.sql").read().decode("utf-8")
-    conn = connect(path)
+def write_surely(config, write, *args, seconds=60):
+    """write(conn, *args) on a fresh connection, again while the database is
+    busy or unreachable: for a write that must not be lost (a reply's final
+    text). The write must be safe to repeat: the connection may break after
+    its commit."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with connection(config) as conn:
+                return write(conn, *args)
+        except (StoreBusy, StoreUnavailable):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def init_db(database):
+    """Create missing tables, apply pending migrations, and recover replies
+    left pending by a worker process that died."""
+    if not is_url(database):
+        private_file(database)
+    conn = connect(database)
     try:
-        conn.executescript(schema)
-        migrate(conn)
+        create_or_upgrade(conn, SCHEMAS[conn.engine].read_text(encoding="utf-8"))
         recover_dead_generations(conn)
     finally:
         conn.close()
@@ -73,11 +216,46 @@ def private_file(path):
     os.close(fd)
 
 
+def shown(database):
+    """The database for messages: a URL without its password."""
+    if is_url(database):
+        from . import pg
+        return pg.without_password(str(database))
+    return str(database)
+
+
 @click.command("init-db")
 def init_db_command():
-    """Create the database tables if they are missing."""
+    """Create the database tables if they are missing, or upgrade them."""
     init_db(current_app.config["DATABASE"])
-    click.echo(f"Initialized the database at {current_app.config['DATABASE']}.")
+    click.echo(f"Initialized the database at {shown(current_app.config['DATABASE'])}.")
+
+
+@click.command("copy-db")
+@click.argument("source")
+@click.argument("target")
+@click.option("--replace", is_flag=True, help="Delete what the target holds first.")
+def copy_db_command(source, target, replace):
+    """Copy every session, message and API key from SOURCE to TARGET.
+
+    Each is a SQLite file path or a postgresql:// URL. TARGET's tables are
+    made when missing; a TARGET that holds sessions is refused unless
+    --replace is given. Run it while no server writes to SOURCE.
+    """
+    from .copydb import TargetNotEmpty, copy_database
+    for database in (source, target):
+        try:
+            check_database(database)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    try:
+        counts = copy_database(source, target, replace=replace, progress=click.echo)
+    except TargetNotEmpty as e:
+        raise click.ClickException(str(e)) from None
+    except StoreError as e:
+        raise click.ClickException(f"copy failed, the target is unchanged: {e}") from None
+    done = ", ".join(f"{n} {table}" for table, n in counts.items())
+    click.echo(f"Copied {done} from {shown(source)} to {shown(target)}.")
 
 
 def init_app(app):
@@ -87,3 +265,4 @@ def init_app(app):
     journal_size_limit = app.config["WAL_SIZE_LIMIT"]
     app.teardown_appcontext(close_db)
     app.cli.add_command(init_db_command)
+    app.cli.add_command(copy_db_command)

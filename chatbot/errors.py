@@ -1,12 +1,11 @@
 """Every error leaves as application/problem+json (RFC 9457) with a `code`."""
 import logging
-import sqlite3
 from http import HTTPStatus
 
 from flask import current_app
 from werkzeug.exceptions import HTTPException
 
-from .store import SessionGone, is_busy
+from .store import Conflict, SessionGone, StoreBusy, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,22 @@ def init_app(app):
         return problem(ApiError(e.code, HTTP_CODES.get(e.code, "http_error"), e.description,
                                 headers=headers))
 
-    @app.errorhandler(sqlite3.OperationalError)
+    @app.errorhandler(StoreBusy)
     def database_busy(e):
-        if not is_busy(e):
-            return unexpected(e)
         log.warning("database busy: %s", e)
         return problem(ApiError(503, "database_busy", "The database is busy; try again in a moment.",
                                 headers={"Retry-After": "1"}))
+
+    @app.errorhandler(StoreUnavailable)
+    def database_unavailable(e):
+        log.error("database unavailable: %s", e)
+        return problem(ApiError(503, "database_unavailable", "The database cannot be reached; try again later.",
+                                headers={"Retry-After": "5"}))
+
+    @app.errorhandler(Conflict)
+    def conflict(e):
+        log.warning("write conflict: %s", e)
+        return problem(ApiError(409, "conflict", "A concurrent request changed the same data; try again."))
 
     @app.errorhandler(Exception)
     def unexpected(e):

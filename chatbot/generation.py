@@ -153,10 +153,11 @@ class Turn:
         usage = self._usage()
         metrics.turn_finished(status, finish_reason, time.monotonic() - self.began, usage,
                               error["code"] if error else None)
-        conn = db.connect(self.config["DATABASE"])
         try:
-            message = store.when_not_busy(store.finish_turn, conn, self.session_id, self.reply_id, self.fence,
-                                          text, status, usage, finish_reason, error)
+            # Retried on a fresh connection while the database is busy or unreachable;
+            # safe to repeat: a second try after a lost commit finds the lease released.
+            message = db.write_surely(self.config, store.finish_turn, self.session_id, self.reply_id, self.fence,
+                                      text, status, usage, finish_reason, error)
         except Exception:
             log.exception("turn %s: the reply could not be stored", self.reply_id)
             message = None
@@ -164,11 +165,10 @@ class Turn:
             # The session's conversation digest follows every turn, so that an
             # OpenAI-style request that continues it finds it (store/conversations.py).
             if message is not None:
-                store.when_not_busy(store.refresh_conversation_hash, conn, self.session_id)
+                db.write_surely(self.config, store.refresh_conversation_hash, self.session_id, seconds=10)
         except Exception:   # the reply is stored: a stale digest only means a new session later
             log.exception("turn %s: the conversation digest could not be refreshed", self.reply_id)
         finally:
-            conn.close()
             MONITOR.remove(self)
         if message is None:
             terminal = "error", {**MESSAGE_GONE, "status": 404}

@@ -1,5 +1,4 @@
 """GET /api/health: the database and the LLM server, each with its latency."""
-import sqlite3
 import threading
 import time
 
@@ -9,6 +8,7 @@ from . import store
 from .access import authenticate, public
 from .db import get_db
 from .errors import ApiError
+from .store import StoreError
 
 bp = Blueprint("health", __name__, url_prefix="/api")
 
@@ -34,7 +34,7 @@ def has_key():
     try:
         authenticate()
         return True
-    except ApiError:
+    except (ApiError, StoreError):   # the database down: health says so, not a 503 of its own
         return False
 
 
@@ -45,7 +45,7 @@ def health():
     try:
         get_db().execute("SELECT count(*) FROM sessions").fetchone()
         database = {"ok": True}
-    except sqlite3.Error as e:
+    except StoreError as e:
         database = {"ok": False, "error": str(e)}
     database["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
     llm = llm_state(current_app)

@@ -5,7 +5,13 @@ schema.sql is the first version and stays as it is; each later change is a
 function here, appended to MIGRATIONS, never edited once released.
 """
 
+from .store.base import now_iso
+
 MIGRATIONS = []
+# schema-postgresql.sql is the schema as it stands after these: a new
+# PostgreSQL database starts there (no PostgreSQL database predates them).
+POSTGRESQL_BASELINE = ("conversations", "add_api_keys", "add_session_owner", "add_request_counts",
+                       "resumable_turns")
 
 
 def migration(fn):
@@ -13,26 +19,33 @@ def migration(fn):
     return fn
 
 
-def migrate(conn):
-    """Apply the migrations this database has not seen; returns their names."""
-    conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
-    done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
-    applied = []
-    for fn in MIGRATIONS:
-        if fn.__name__ in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Another worker may have applied it while we waited for the lock.
-            if conn.execute("SELECT 1 FROM migrations WHERE name = ?", (fn.__name__,)).fetchone() is None:
+def create_or_upgrade(conn, schema):
+    """Create the tables from `schema` where missing, then apply the migrations
+    this database has not seen; returns their names.
+
+    One transaction, serialised across processes and hosts (SQLite's write
+    lock; an advisory lock on PostgreSQL), so two servers starting at once do
+    not both apply a migration. Migrations after POSTGRESQL_BASELINE run on
+    both engines: `conn.engine` tells which, where their DDL differs.
+    """
+    if conn.engine == "sqlite":
+        conn.executescript(schema)   # idempotent; executescript commits on its own
+    with conn.transaction():
+        conn.lock("migrations")
+        fresh = (conn.engine == "postgresql"
+                 and conn.execute("SELECT to_regclass('sessions')").fetchone()[0] is None)
+        if fresh:
+            conn.executescript(schema)
+        conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+        applied = []
+        for fn in MIGRATIONS:
+            if fn.__name__ in done:
+                continue
+            if not (fresh and fn.__name__ in POSTGRESQL_BASELINE):
                 fn(conn)
-                conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, datetime('now'))",
-                             (fn.__name__,))
                 applied.append(fn.__name__)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            conn.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (fn.__name__, now_iso()))
     return applied
 
 

@@ -20,7 +20,7 @@ CHOICES = {
     "LLM_PROTOCOL": ("midm", "openai"),
     "AUTH": ("required", "disabled"),
 }
-AT_LEAST_ONE = {"WORKERS", "THREADS"}
+AT_LEAST_ONE = {"WORKERS", "THREADS", "DB_POOL_SIZE"}
 
 
 class SettingsError(click.ClickException, ValueError):

@@ -14,7 +14,7 @@ from flask import current_app
 
 from . import context, metrics, store
 from .access import per_key_limit
-from .db import get_db
+from .db import close_db, get_db
 from .generation import INTERNAL_ERROR, MONITOR, Turn, follow_stored, lease_owner
 
 
@@ -124,6 +124,7 @@ def chat(body, owner, key=None, *, stream=True, client_gone=None, upstream_messa
         store.finish_turn(conn, body.session_id, ids["reply_id"], ids["fence"], "", "failed", None, None,
                           INTERNAL_ERROR)
         raise
+    close_db()   # the request's connection goes back to the pool while the reply streams
     return turn.follow(0, client_gone), False
 
 
@@ -157,9 +158,11 @@ def _follow(session_id, message_id, owner, after, client_gone):
         raise TurnRefused("message_not_found", f"No reply with id {message_id!r} in this session.")
     turn = MONITOR.get(message_id)
     if turn is not None:
+        close_db()   # while the reply streams, the request holds no connection
         return turn.follow(after, client_gone, announce=True)
     ids = {"session_id": session_id, "user_message_id": store.question_of(conn, message_id),
            "message_id": message_id}
+    close_db()
     return follow_stored(current_app.config, {"ids": ids}, after, client_gone)
 
 

@@ -1,9 +1,11 @@
 """The service's data: every SQL statement lives in this package, one module a job.
 
-Functions take an open connection (see db.connect) and return plain dicts.
+Functions take an open connection (see db.py: SQLite or PostgreSQL, one interface)
+and return plain dicts; they raise the store's own errors (base.py), never a driver's.
 Write transactions are short and never span a call to the upstream.
 """
-from .base import checkpoint, is_busy, new_id, now_iso, transaction, when_not_busy  # noqa: F401
+from .base import (Conflict, StoreBusy, StoreError, StoreUnavailable, checkpoint, is_busy, new_id, now_iso,  # noqa: F401
+                   transaction, when_not_busy)
 from .conversations import find_by_conversation, refresh_conversation_hash  # noqa: F401
 from .keys import (active_api_key_named, find_api_key, insert_api_key, list_api_keys, revoke_api_key,  # noqa: F401
                    server_secret)

@@ -1,39 +1,38 @@
-"""What every part of the store shares: the write transaction, ids, times, and
-retrying a write that must not be lost while SQLite is busy."""
-import sqlite3
-import threading
+"""What every part of the store shares: its errors, the write transaction, ids,
+times, and retrying a write that must not be lost while the database is busy."""
 import time
 import uuid
-import contextlib
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
-# SQLite has one writer at a time. Threads of one process queue for it here, in
-# order, instead of in SQLite's busy handler, which polls with sleeps and lets a
-# crowd of hundreds of streams starve some of them past the busy timeout.
-_writer = threading.Lock()
+
+class StoreError(Exception):
+    """A database error, whatever the engine (views never see a driver's own)."""
+
+
+class StoreBusy(StoreError):
+    """Another writer holds the database (SQLite's lock, a PostgreSQL lock or
+    serialisation failure, or no free pooled connection): try again soon."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (PostgreSQL down, a lost connection)."""
+
+
+class Conflict(StoreError):
+    """A write broke a unique or foreign-key constraint (a concurrent writer got there first)."""
 
 
 class SessionGone(LookupError):
     """The session was deleted (by another request) between the caller's check and its write."""
 
 
-@contextmanager
 def transaction(db, write=True):
-    """BEGIN IMMEDIATE ... COMMIT: take the write lock up front, so a
-    read-then-write cannot be overtaken by another process. With write=False,
-    a read transaction: several reads that see one consistent snapshot."""
-    with _writer if write else _no_lock:
-        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            yield
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-
-
-_no_lock = contextlib.nullcontext()
+    """A write transaction on either engine (see db.py): on SQLite it takes the
+    write lock up front (BEGIN IMMEDIATE), so a read-then-write cannot be
+    overtaken; on PostgreSQL (READ COMMITTED) a read-then-write must be one
+    conditional statement, or take db.lock(...) first. With write=False, a
+    read transaction: several reads that see one consistent snapshot."""
+    return db.transaction(write)
 
 
 def now_iso():
@@ -49,22 +48,22 @@ def new_id():
 
 
 def is_busy(error):
-    """Whether a sqlite3.OperationalError says another writer holds the database."""
-    return "locked" in str(error) or "busy" in str(error)
+    """Whether an error says another writer holds the database."""
+    return isinstance(error, StoreBusy)
 
 
 def when_not_busy(write, *args, seconds=60):
-    """Call write(*args), again while SQLite says the database is locked.
+    """Call write(*args), again while the database is busy.
 
-    For the writes that must not be lost (the final reply, which also clears
-    the marker): another process may hold the write lock past busy_timeout.
+    For writes that must not be lost, on a connection the caller holds.
+    db.write_surely also survives a lost connection (it takes a new one).
     """
     deadline = time.monotonic() + seconds
     while True:
         try:
             return write(*args)
-        except sqlite3.OperationalError as e:
-            if not is_busy(e) or time.monotonic() > deadline:
+        except StoreBusy:
+            if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 
@@ -73,4 +72,5 @@ def checkpoint(db):
     """Copy the WAL into the database file as far as readers allow, without
     waiting for anyone (PASSIVE); the next write then restarts the WAL, which
     SQLite truncates to journal_size_limit (db.connect)."""
-    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if db.engine == "sqlite":   # PostgreSQL manages its own WAL
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()

@@ -17,13 +17,14 @@ def take_request(db, owner, limit, period, now=None):
     slot = int(now // period)
     elapsed = now - slot * period
     with transaction(db):
+        db.lock("rate", owner)   # read, then write: one request of this owner at a time
         counts = dict(db.execute("SELECT slot, count FROM request_counts WHERE owner = ? AND slot >= ?",
                                  (owner, slot - 1)).fetchall())
         current, previous = counts.get(slot, 0), counts.get(slot - 1, 0)
         if current + 1 + previous * (1 - elapsed / period) > limit:
             return _wait(limit, period, elapsed, current, previous)
         db.execute("INSERT INTO request_counts (owner, slot, count) VALUES (?, ?, 1)"
-                   " ON CONFLICT (owner, slot) DO UPDATE SET count = count + 1", (owner, slot))
+                   " ON CONFLICT (owner, slot) DO UPDATE SET count = request_counts.count + 1", (owner, slot))
         db.execute("DELETE FROM request_counts WHERE owner = ? AND slot < ?", (owner, slot - 1))
     return 0
 

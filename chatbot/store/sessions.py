@@ -80,10 +80,12 @@ def message_dict(row):
 
 def _touch(db, session_id, now):
     """Record an activity of the session (inside a transaction): it moves to the top of the list."""
-    seq = db.execute("INSERT INTO session_activity (session_id, at) VALUES (?, ?)",
-                     (session_id, now)).lastrowid
-    db.execute("UPDATE sessions SET last_accessed = ?, activity_seq = ? WHERE session_id = ?",
-               (now, seq, session_id))
+    (seq,) = db.execute("INSERT INTO session_activity (session_id, at) VALUES (?, ?) RETURNING seq",
+                        (session_id, now)).fetchone()
+    # On PostgreSQL two activities of one session may commit out of their seq
+    # order: the session keeps the later one.
+    db.execute("UPDATE sessions SET last_accessed = ?, activity_seq = ? WHERE session_id = ?"
+               " AND (activity_seq IS NULL OR activity_seq < ?)", (now, seq, session_id, seq))
 
 
 def create_session(db, metadata, title=None, system_prompt=None, created_at=None, messages=(), *, owner,
@@ -154,12 +156,13 @@ def list_sessions(db, limit, after=None, *, owner):
     rows = db.execute(
         "WITH page AS (SELECT session_id, list_rank FROM ("
         " SELECT * FROM (SELECT session_id, activity_seq AS list_rank FROM sessions"
-        "  WHERE owner = :owner AND activity_seq < :before ORDER BY activity_seq DESC LIMIT :n)"
+        "  WHERE owner = :owner AND activity_seq < :before ORDER BY activity_seq DESC LIMIT :n) AS still"
         " UNION ALL"
         " SELECT * FROM (SELECT session_id, (SELECT max(a.seq) FROM session_activity a"
         "  WHERE a.session_id = moved.session_id AND a.seq <= :snapshot) AS list_rank"
-        "  FROM sessions moved WHERE owner = :owner AND activity_seq > :snapshot) WHERE list_rank < :before"
-        ") ORDER BY list_rank DESC LIMIT :n)"
+        "  FROM sessions moved WHERE owner = :owner AND activity_seq > :snapshot) AS active"
+        "  WHERE list_rank < :before"
+        ") AS candidates ORDER BY list_rank DESC LIMIT :n)"
         f" SELECT {SESSION_COLUMNS}, page.list_rank FROM sessions s JOIN page USING (session_id)"
         " ORDER BY page.list_rank DESC",
         {"snapshot": snapshot, "before": before_rank, "n": limit + 1, "owner": owner},

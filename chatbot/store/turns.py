@@ -47,10 +47,13 @@ def begin_turn(db, session_id, user_text=None, max_per_owner=0, *, lease_owner="
     """
     now = time.time()
     with transaction(db):
+        # PostgreSQL: each read-then-write below takes its lock first (SQLite's write lock covers them).
         if idempotency is not None:
+            db.lock("idempotency", *idempotency[:2])
             existing = _claim(db, *idempotency, now=now)
             if existing:
                 return {"existing": existing}
+        db.lock("session", session_id)
         row = db.execute("SELECT generating_message_id, lease_expires, owner FROM sessions WHERE session_id = ?",
                          (session_id,)).fetchone()
         if row is None:
@@ -59,6 +62,8 @@ def begin_turn(db, session_id, user_text=None, max_per_owner=0, *, lease_owner="
             if (row["lease_expires"] or 0) >= now:
                 return None
             _recover(db, session_id, row["generating_message_id"])
+        if max_per_owner:
+            db.lock("owner", row["owner"])   # counted, then taken: one at a time per owner
         if max_per_owner and running_turns(db, row["owner"], now) >= max_per_owner:
             raise TooManyTurns(row["owner"])  # rolls the transaction back
         created = now_iso()
@@ -222,6 +227,7 @@ def read_reply(db, reply_id, after):
 def recover_reply(db, session_id, reply_id):
     """Close a running reply whose lease has expired (its worker is gone)."""
     with transaction(db):
+        db.lock("session", session_id)
         row = db.execute("SELECT lease_expires FROM sessions WHERE session_id = ? AND generating_message_id = ?",
                          (session_id, reply_id)).fetchone()
         if row is not None and (row["lease_expires"] or 0) < time.time():
