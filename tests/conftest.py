@@ -1,15 +1,25 @@
-"""Fixtures: an app on its own SQLite file, and real server processes on loopback
+"""Fixtures: an app on its own database, and real server processes on loopback
 (the project's stand-in LLM, and gunicorn running the service) for the tests
-whose behaviour is about HTTP streaming."""
+whose behaviour is about HTTP streaming.
+
+Every test that uses a database through these fixtures runs twice: on SQLite
+and on PostgreSQL (a server of its own, started once per test run; each test
+gets a schema of its own in it). Mark a test `sqlite_only` when it is about
+SQLite itself. Without PostgreSQL installed the PostgreSQL runs skip, saying
+why, except under CI=true, where they fail."""
+import glob
 import http.client
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -93,12 +103,126 @@ def standin_log(standin):
     return read
 
 
+# --- the database engines ------------------------------------------------------
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only: a test about SQLite itself (not run on PostgreSQL)")
+
+
+def pytest_generate_tests(metafunc):
+    if "engine" in metafunc.fixturenames:
+        engines = ENGINES[:1] if metafunc.definition.get_closest_marker("sqlite_only") else ENGINES
+        metafunc.parametrize("engine", engines, indirect=True, scope="module")
+
+
+def postgres_bin():
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+class PostgresServer:
+    """A PostgreSQL server of the test run's own: a temporary directory, a free
+    port on loopback only, the unix socket in the directory, no fsync (the
+    data is thrown away). initdb refuses root, so as root it runs as `postgres`."""
+
+    def __init__(self, bindir):
+        self.bindir = bindir
+        self.dir = tempfile.mkdtemp(prefix="chatbot-pg-")
+        self.as_user = []
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.data = os.path.join(self.dir, "data")
+        self.port = free_port()
+        self.run("initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale",
+                 "--no-sync")
+        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=400"
+                   " -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "log"), "-o", options, "-w", "start")
+        self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        conn = db.connect(self.admin_url)
+        conn.execute("CREATE DATABASE chatbot_test")
+        conn.close()
+
+    def run(self, program, *args):
+        subprocess.run([*self.as_user, str(self.bindir / program), *args], check=True, cwd=self.dir,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+
+    def new_database(self):
+        """The URL of a new, empty database: a schema of its own, named by search_path."""
+        schema = "t_" + uuid.uuid4().hex[:16]
+        conn = db.connect(self.url())
+        conn.execute(f"CREATE SCHEMA {schema}")
+        conn.close()
+        return self.url(schema)
+
+    def url(self, schema=None):
+        options = f"?options=-c%20search_path%3D{schema}" if schema else ""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/chatbot_test{options}"
+
+    def stop(self):
+        subprocess.run([*self.as_user, str(self.bindir / "pg_ctl"), "-D", self.data, "-m", "immediate", "stop"],
+                       cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """The PostgreSQL server of this test run (skipped without PostgreSQL, except under CI)."""
+    bindir = postgres_bin()
+    if bindir is None:
+        reason = ("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on PATH): "
+                  "`apt-get install postgresql` runs these tests")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: never skipped)")
+        pytest.skip(reason)
+    server = PostgresServer(bindir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(request):
+    """The database engine of a test: "sqlite" or "postgresql" (see pytest_generate_tests)."""
+    if request.param == "postgresql":
+        request.getfixturevalue("postgres")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def new_database(engine, request, tmp_path_factory):
+    """new_database() -> a new, empty database on the test's engine: a SQLite
+    file path, or a PostgreSQL URL."""
+    def make():
+        if engine == "sqlite":
+            return str(tmp_path_factory.mktemp("db") / "test.sqlite")
+        return request.getfixturevalue("postgres").new_database()
+    return make
+
+
 @pytest.fixture
-def make_app(tmp_path, standin):
+def database(new_database, engine):
+    """This test's database (a SQLite path or a PostgreSQL URL)."""
+    database = new_database()
+    yield database
+    if engine == "postgresql":   # this process's connections to it, at once (not at the module's end)
+        from chatbot import pg
+        pg.close_pools(database)
+
+
+@pytest.fixture
+def make_app(database, standin):
     """make_app(**config) -> an app on this test's database. API keys are off
     unless a test turns them on (AUTH="required"): see tests/test_access.py."""
     def make(**config):
-        return create_app({"TESTING": True, "DATABASE": str(tmp_path / "test.sqlite"), "LLM_URL": standin,
+        return create_app({"TESTING": True, "DATABASE": database, "LLM_URL": standin,
                            "AUTH": "disabled", **config})
     return make
 
@@ -199,10 +323,11 @@ def gunicorn_env(standin, env):
 
 
 @pytest.fixture
-def start_server(tmp_path, standin):
+def start_server(new_database, standin):
     """start_server(db_path=None, config="gunicorn.conf.py", cwd=ROOT, **env) -> a
-    gunicorn process running the service (stopped at teardown). Two servers
-    given one db_path share a database, as the worker processes of one server do.
+    gunicorn process running the service (stopped at teardown), on a new
+    database of the test's engine. Two servers given one db_path (a server's
+    .db_path) share a database, as the worker processes of one server do.
 
     env values are CHATBOT_* settings, e.g. start_server(CHATBOT_WORKERS="1");
     None removes a setting (start_server(CHATBOT_THREADS=None): gunicorn.conf.py's default).
@@ -211,8 +336,7 @@ def start_server(tmp_path, standin):
     servers = []
 
     def start(db_path=None, config="gunicorn.conf.py", cwd=ROOT, **env):
-        servers.append(Gunicorn(db_path or tmp_path / f"live{len(servers)}.sqlite", gunicorn_env(standin, env),
-                                config, cwd))
+        servers.append(Gunicorn(db_path or new_database(), gunicorn_env(standin, env), config, cwd))
         return servers[-1]
     yield start
     for server in servers:
@@ -226,9 +350,9 @@ def live_server_env():
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory, standin, live_server_env):
+def live_server(new_database, standin, live_server_env):
     """One gunicorn process shared by the tests of a module; each test makes its own sessions."""
-    server = Gunicorn(tmp_path_factory.mktemp("live") / "live.sqlite", gunicorn_env(standin, live_server_env))
+    server = Gunicorn(new_database(), gunicorn_env(standin, live_server_env))
     yield server
     server.stop()
 

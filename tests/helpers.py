@@ -6,6 +6,8 @@ from datetime import datetime
 
 import requests
 
+from chatbot import db
+
 
 def assert_problem(response, status, code, field=None):
     """The response is an RFC 9457 problem with this status and code (and,
@@ -54,10 +56,17 @@ def sse_events(body):
     return [e for e in (sse_block(b) for b in text.strip().split("\n\n") if b) if e[0] != "comment"]
 
 
-def rows(db_path, sql, *params):
-    """Read the service's database through a connection of our own, as another
-    process would (it sees only what the service has committed)."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+def rows(database, sql, *params):
+    """Read the service's database (a SQLite path or a PostgreSQL URL) through a
+    connection of our own, as another process would (it sees only what the
+    service has committed). `?` placeholders on both."""
+    if "://" in str(database):
+        conn = db.connect(str(database))
+        try:
+            return [dict(r) for r in conn.execute(sql, params)]
+        finally:
+            conn.close()
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in conn.execute(sql, params)]

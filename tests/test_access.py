@@ -2,12 +2,12 @@
 import hashlib
 import json
 import logging
-import sqlite3
 import uuid
 
 import pytest
 import websocket
 
+import helpers
 from chatbot import access
 from conftest import bearer, new_api_key
 
@@ -30,11 +30,7 @@ def keys(secured):
 
 
 def rows(app, sql):
-    conn = sqlite3.connect(app.config["DATABASE"])
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+    return [tuple(row.values()) for row in helpers.rows(app.config["DATABASE"], sql)]
 
 
 # --- keys and the CLI --------------------------------------------------------

@@ -40,6 +40,7 @@ def test_a_hung_llm_server_does_not_hang_the_health_check(make_app, silent_liste
     assert response.json["llm"]["ok"] is False
 
 
+@pytest.mark.sqlite_only
 def test_a_database_that_cannot_be_opened_is_503(app, client, tmp_path):
     app.config["DATABASE"] = str(tmp_path)  # a directory: SQLite cannot open it
     response = client.get("/api/health")
@@ -48,6 +49,7 @@ def test_a_database_that_cannot_be_opened_is_503(app, client, tmp_path):
     assert response.json["status"] != "ok"
 
 
+@pytest.mark.sqlite_only
 def test_a_database_file_that_is_not_sqlite_is_503(app, client, tmp_path):
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"this is not a database" * 100)
@@ -56,6 +58,7 @@ def test_a_database_file_that_is_not_sqlite_is_503(app, client, tmp_path):
     assert response.status_code == 503 and response.json["database"]["ok"] is False
 
 
+@pytest.mark.sqlite_only
 def test_a_database_without_its_tables_is_503(app, client, tmp_path):
     app.config["DATABASE"] = str(tmp_path / "empty.sqlite")
     assert client.get("/api/health").status_code == 503

@@ -7,7 +7,6 @@ follows a reply that a worker of server A produces."""
 import json
 import os
 import signal
-import sqlite3
 import statistics
 import threading
 import time
@@ -16,8 +15,9 @@ import pytest
 import requests
 import websocket
 
+from chatbot import db
 from conftest import SSEStream, wait_for
-from helpers import deltas, stored_messages
+from helpers import deltas, rows, stored_messages
 
 
 def stream(server, sid, message, **extra):
@@ -44,16 +44,24 @@ def stored_reply(server, sid):
 
 
 def lease_owner_pid(server, sid):
-    with sqlite3.connect(server.db_path) as db:
-        owner = db.execute("SELECT lease_owner FROM sessions WHERE session_id = ?", (sid,)).fetchone()[0]
-    return int(owner.split(":")[1])
+    [row] = rows(server.db_path, "SELECT lease_owner FROM sessions WHERE session_id = ?", sid)
+    return int(row["lease_owner"].split(":")[1])
+
+
+def write(server, *statements):
+    """Change the service's database behind its back, as another host would (each statement commits)."""
+    conn = db.connect(server.db_path)
+    try:
+        return [conn.execute(sql, params).fetchall() for sql, params in statements]
+    finally:
+        conn.close()
 
 
 @pytest.fixture
-def two(start_server, tmp_path):
+def two(start_server):
     """Two servers (A produces, B re-attaches) on one database."""
-    a = start_server(tmp_path / "shared.sqlite")
-    b = start_server(tmp_path / "shared.sqlite")
+    a = start_server()
+    b = start_server(a.db_path)
     return a, b
 
 
@@ -278,12 +286,13 @@ def test_staleness_is_the_lease_alone_not_a_process_id(live_server):
     respected until it expires, then taken over."""
     sid = live_server.new_session()
     list(stream(live_server, sid, "@@words=2").events())
-    with sqlite3.connect(live_server.db_path) as db:
-        reply = db.execute("SELECT message_id FROM messages WHERE role = 'assistant'"
-                           " AND session_id = ?", (sid,)).fetchone()[0]
-        db.execute("UPDATE messages SET status = 'pending' WHERE message_id = ?", (reply,))
-        db.execute("UPDATE sessions SET generating_message_id = ?, lease_owner = 'other-host:999999:x',"
-                   " lease_expires = ? WHERE session_id = ?", (reply, time.time() + 2, sid))
+    [row] = rows(live_server.db_path, "SELECT message_id FROM messages WHERE role = 'assistant'"
+                                      " AND session_id = ?", sid)
+    reply = row["message_id"]
+    write(live_server,
+          ("UPDATE messages SET status = 'pending' WHERE message_id = ?", (reply,)),
+          ("UPDATE sessions SET generating_message_id = ?, lease_owner = 'other-host:999999:x',"
+           " lease_expires = ? WHERE session_id = ?", (reply, time.time() + 2, sid)))
     busy = requests.post(live_server.url + "/api/chat", json={"session_id": sid, "message": "hi @@words=1"})
     assert busy.status_code == 409   # pid 999999 is dead here, but that says nothing about another host
     time.sleep(2.5)
@@ -299,9 +308,9 @@ def test_a_producer_whose_lease_was_taken_stops_writing(live_server):
     events = first.events()
     next(events)
     next(events)
-    with sqlite3.connect(live_server.db_path) as db:   # another owner took the lease (a new fence)
-        db.execute("UPDATE sessions SET lease_fence = lease_fence + 1, lease_owner = 'other:1:y'"
-                   " WHERE session_id = ?", (sid,))
+    # another owner took the lease (a new fence)
+    write(live_server, ("UPDATE sessions SET lease_fence = lease_fence + 1, lease_owner = 'other:1:y'"
+                        " WHERE session_id = ?", (sid,)))
     ending = list(events)[-1]
     assert ending[0] == "error" and ending[1]["code"] == "worker_lost"
     reply = stored_reply(live_server, sid)

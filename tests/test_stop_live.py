@@ -5,11 +5,11 @@ from conftest import SSEStream, wait_for
 from helpers import in_thread
 
 
-def test_stop_from_another_server_process_ends_the_stream_as_incomplete(start_server, tmp_path, standin_log):
+def test_stop_from_another_server_process_ends_the_stream_as_incomplete(start_server, standin_log):
     # Two gunicorn servers on one database: the stop request is certainly
     # handled by a different process from the one streaming.
-    db_path = tmp_path / "shared.sqlite"
-    streaming, other = start_server(db_path), start_server(db_path)
+    streaming = start_server()
+    other = start_server(streaming.db_path)
     sid = streaming.new_session()
     stream = SSEStream(streaming.url, "/api/chat/stream",
                        {"session_id": sid, "message": "@@words=300 @@delay=0.05"})

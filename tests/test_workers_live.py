@@ -1,7 +1,6 @@
 """Killed and restarted gunicorn workers lose nothing and block nothing."""
 import os
 import signal
-import sqlite3
 import time
 
 import requests
@@ -9,13 +8,13 @@ import requests
 from chatbot import generation
 
 from conftest import SSEStream, wait_for
+from helpers import rows
 
 
 def marker(server, sid):
     """The pid of the worker holding the session's lease (owner ids are host:pid:nonce)."""
-    with sqlite3.connect(server.db_path) as db:
-        owner = db.execute("SELECT lease_owner FROM sessions WHERE session_id = ?", (sid,)).fetchone()[0]
-    return int(owner.split(":")[1])
+    [row] = rows(server.db_path, "SELECT lease_owner FROM sessions WHERE session_id = ?", sid)
+    return int(row["lease_owner"].split(":")[1])
 
 
 def test_a_worker_killed_mid_answer_frees_the_session_and_keeps_its_text(server, standin_log):
@@ -55,8 +54,7 @@ def test_a_graceful_shutdown_lets_a_running_answer_finish(start_server):
     _, rest = signal_mid_stream(server, signal.SIGTERM, words=40)
     assert rest[-1][0] == "done" and rest[-1][1]["status"] == "complete"
     server.proc.wait(20)
-    with sqlite3.connect(server.db_path) as db:
-        assert db.execute("SELECT status FROM messages WHERE role = 'assistant'").fetchone() == ("complete",)
+    assert rows(server.db_path, "SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "complete"}]
 
 
 def test_an_answer_longer_than_the_graceful_timeout_is_stored_incomplete(start_server):
@@ -66,10 +64,10 @@ def test_an_answer_longer_than_the_graceful_timeout_is_stored_incomplete(start_s
     assert name == "done" and done["status"] == "incomplete" and done["finish_reason"] == "shutdown"
     assert done["content"] == "".join(e[1]["content"] for e in rest if e[0] == "delta")
     server.proc.wait(20)
-    with sqlite3.connect(server.db_path) as db:
-        stored = db.execute("SELECT content, status FROM messages WHERE role = 'assistant'").fetchone()
-        marker_left = db.execute("SELECT generating_message_id FROM sessions").fetchone()[0]
-    assert stored == (done["content"], "incomplete") and marker_left is None
+    stored = rows(server.db_path, "SELECT content, status FROM messages WHERE role = 'assistant'")
+    marker_left = rows(server.db_path, "SELECT generating_message_id FROM sessions")
+    assert stored == [{"content": done["content"], "status": "incomplete"}]
+    assert marker_left == [{"generating_message_id": None}]
 
 
 def test_a_reload_with_sighup_lets_the_running_answer_finish_and_keeps_serving(start_server):

@@ -1,11 +1,11 @@
 """The WebSocket, against a real gunicorn process and the stand-in LLM."""
 import json
-import sqlite3
 
 import pytest
 import websocket
 
 from conftest import wait_for
+from helpers import rows
 
 
 @pytest.fixture
@@ -23,8 +23,8 @@ def frames_until_end(ws, end=("done", "error")):
 
 
 def stored(server, message_id):
-    with sqlite3.connect(server.db_path) as db:
-        return db.execute("SELECT content, status FROM messages WHERE message_id = ?", (message_id,)).fetchone()
+    [row] = rows(server.db_path, "SELECT content, status FROM messages WHERE message_id = ?", message_id)
+    return row["content"], row["status"]
 
 
 def test_many_turns_on_one_socket(server, ws):
