@@ -65,6 +65,12 @@ class SqliteConnection:
         except sqlite3.Error as e:
             raise _sqlite_error(e) from e
 
+    def executemany(self, sql, seq_of_params):
+        try:
+            self.raw.executemany(sql, seq_of_params)
+        except sqlite3.Error as e:
+            raise _sqlite_error(e) from e
+
     def executescript(self, sql):
         try:
             self.raw.executescript(sql)

@@ -123,6 +123,13 @@ class PgConnection:
         except psycopg.Error as e:
             raise store_error(e, self.raw) from e
 
+    def executemany(self, sql, seq_of_params):
+        try:
+            with self.raw.cursor() as cursor:
+                cursor.executemany(translate(sql), seq_of_params)
+        except psycopg.Error as e:
+            raise store_error(e, self.raw) from e
+
     def executescript(self, sql):
         self.execute(sql)   # no parameters: psycopg sends it as one simple query
 
