@@ -7,8 +7,6 @@ import os
 import click
 from flask import Flask
 
-from .store import StoreUnavailable
-
 DEFAULTS = {
     # Every setting, with its default; CHATBOT_<NAME> in the environment overrides it.
     "LLM_URL": "http://127.0.0.1:8000",
@@ -87,7 +85,7 @@ def create_app(test_config=None):
     from .llm import Upstream
 
     app.extensions["upstream"] = Upstream(app.config)
-    db.init_app(app)
+    db.init_app(app)   # creates or upgrades the tables
     errors.init_app(app)
     requestlog.init_app(app)
     access.init_app(app)
@@ -98,12 +96,6 @@ def create_app(test_config=None):
         from . import web
         app.register_blueprint(web.bp)
 
-    try:
-        db.init_db(app.config["DATABASE"])  # idempotent: creates what is missing
-    except StoreUnavailable as e:
-        # PostgreSQL down while a worker starts: serve 503s until it is back,
-        # rather than failing to boot (init-db or the master made the tables).
-        logging.getLogger(__name__).error("database unavailable at start: %s", e)
 
     @app.cli.command("dev-llm")
     @click.option("--host", default="127.0.0.1")

@@ -7,6 +7,7 @@ A connection has execute(sql, params) with sqlite3's placeholders (`?`,
 close(); driver errors come out as the store's (store/base.py).
 """
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,7 @@ from .migrations import create_or_upgrade
 from .store import recover_dead_generations
 from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable
 
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = {"sqlite": ROOT / "schema.sql", "postgresql": ROOT / "schema-postgresql.sql"}
 BUSY_TIMEOUT_MS = 15000
@@ -166,8 +168,15 @@ def connection(config):
 
 def get_db():
     if "db" not in g:
+        if not current_app.extensions["db_ready"]:
+            _init_now(current_app)   # the database was down when the app started
         g.db = _open(current_app.config)
     return g.db
+
+
+def _init_now(app):
+    init_db(app.config["DATABASE"])   # raises StoreUnavailable while it is still down
+    app.extensions["db_ready"] = True
 
 
 def close_db(e=None):
@@ -265,10 +274,18 @@ def copy_db_command(source, target, replace):
 
 
 def init_app(app):
+    """The teardown and the commands; the tables are made or upgraded now
+    (idempotent). PostgreSQL down while a worker starts: it serves 503s until
+    the database is back, rather than failing to boot."""
     global journal_size_limit
     # Connections are also opened outside requests (the turn monitor, gunicorn's
     # hooks), so this setting is kept where connect() finds it.
     journal_size_limit = app.config["WAL_SIZE_LIMIT"]
+    app.extensions["db_ready"] = False
+    try:
+        _init_now(app)
+    except StoreUnavailable as e:
+        log.error("database unavailable at start: %s", e)
     app.teardown_appcontext(close_db)
     app.cli.add_command(init_db_command)
     app.cli.add_command(copy_db_command)

@@ -34,9 +34,11 @@ def check_url(url):
         raise ValueError(f"CHATBOT_DATABASE must be a file path (SQLite) or a postgresql:// URL, "
                          f"not a {scheme}:// URL")
     try:
-        conninfo_to_dict(url)
+        params = conninfo_to_dict(url)
     except psycopg.ProgrammingError as e:
-        raise ValueError(f"CHATBOT_DATABASE is not a valid PostgreSQL URL: {e}") from None
+        raise ValueError(f"CHATBOT_DATABASE is not a valid PostgreSQL URL: {str(e).strip()}") from None
+    if not all(p.isdigit() for p in str(params.get("port", "5432")).split(",")):
+        raise ValueError(f"CHATBOT_DATABASE is not a valid PostgreSQL URL: the port {params['port']!r} is not a number")
 
 
 def without_password(url):
