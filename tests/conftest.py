@@ -152,8 +152,10 @@ class PostgresServer:
         conn.close()
 
     def run(self, program, *args):
-        subprocess.run([*self.as_user, str(self.bindir / program), *args], check=True, cwd=self.dir,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        done = subprocess.run([*self.as_user, str(self.bindir / program), *args], cwd=self.dir,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr.strip()}")
 
     def new_database(self):
         """The URL of a new, empty database: a schema of its own, named by search_path."""
