@@ -105,6 +105,28 @@ def store_error(e, conn=None):
     return StoreError(str(e))
 
 
+def _holds_nul(params):
+    values = params.values() if isinstance(params, dict) else params
+    return any(isinstance(v, str) and "\x00" in v for v in values)
+
+
+def _without_nul(sql, params):
+    """PostgreSQL's text cannot hold U+0000 (SQLite's can). Request bodies
+    holding it are refused (models.checked_text); elsewhere, in a value
+    looked up (an id in a path) it matches nothing, as nothing stored holds
+    it: NULL matches nothing either. In text written (an LLM's reply, a copy
+    from SQLite) the character is dropped."""
+    writes = sql.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE")
+
+    def clean(v):
+        if not (isinstance(v, str) and "\x00" in v):
+            return v
+        return v.replace("\x00", "") if writes else None
+    if isinstance(params, dict):
+        return {k: clean(v) for k, v in params.items()}
+    return [clean(v) for v in params]
+
+
 class PgConnection:
     engine = "postgresql"
 
@@ -116,6 +138,8 @@ class PgConnection:
         if self.raw is None:
             raise StoreError("the connection is closed")
         try:
+            if params and _holds_nul(params):
+                params = _without_nul(sql, params)
             if params:
                 cursor = self.raw.execute(translate(sql), params)
             else:
@@ -126,6 +150,7 @@ class PgConnection:
             raise store_error(e, self.raw) from e
 
     def executemany(self, sql, seq_of_params):
+        seq_of_params = [_without_nul(sql, p) if _holds_nul(p) else p for p in seq_of_params]
         try:
             with self.raw.cursor() as cursor:
                 cursor.executemany(translate(sql), seq_of_params)

@@ -238,3 +238,34 @@ def test_the_final_write_of_a_reply_survives_a_lost_connection(proxied, standin,
     [stored] = rows(url, MESSAGE_COLUMNS)
     assert stored["status"] == "complete" and stored["content"].endswith("단어6 ")
     assert rows(url, "SELECT generating_message_id FROM sessions") == [{"generating_message_id": None}]
+
+
+# --- U+0000, which PostgreSQL's text cannot hold ---------------------------------
+
+def test_text_with_a_nul_character_is_refused_alike_on_both_engines(client, session_id):
+    answer = client.post("/api/chat", json={"session_id": session_id, "message": "a\u0000b"})
+    body = assert_problem(answer, 422, "validation_error")
+    assert body["errors"] == [{"field": "message", "detail": "contains U+0000"}]
+    assert_problem(client.patch(f"/api/sessions/{session_id}", json={"metadata": {"k": ["x", "\u0000"]}}),
+                   422, "validation_error")
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/sessions/a%00b"), ("GET", "/api/sessions/a%00b/messages"), ("DELETE", "/api/sessions/a%00b"),
+    ("POST", "/api/sessions/a%00b/stop"), ("GET", "/api/sessions/{sid}/messages?before=a%00b"),
+])
+def test_an_id_with_a_nul_character_is_not_found(client, session_id, method, path):
+    answer = client.open(path.format(sid=session_id), method=method)
+    assert answer.status_code == 404 and answer.json["code"].endswith("not_found")
+
+
+def test_a_reply_with_a_nul_character_is_stored_without_it(app, session_id):
+    conn = db.connect(app.config["DATABASE"])
+    try:
+        _, reply_id = store.begin_turn(conn, session_id, "q")
+        stored = store.finish_turn(conn, session_id, reply_id, "a\u0000b", "complete", None, "stop")
+    finally:
+        conn.close()
+    on_postgresql = "://" in app.config["DATABASE"]
+    assert stored["content"] == ("ab" if on_postgresql else "a\u0000b")   # SQLite keeps it
+    assert stored["status"] == "complete"
