@@ -14,6 +14,25 @@ POSTGRESQL_BASELINE = ("conversations", "add_api_keys", "add_session_owner", "ad
                        "resumable_turns")
 
 
+# SQLite's DDL words and PostgreSQL's for the same thing (see ddl()).
+POSTGRESQL_DDL = (
+    ("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"),
+    (" REAL", " DOUBLE PRECISION"),
+    (" BLOB", " BYTEA"),
+    (" WITHOUT ROWID", ""),
+)
+
+
+def ddl(conn, sql):
+    """Run a CREATE or ALTER statement written for SQLite on either engine: on
+    PostgreSQL the few words that differ are replaced (POSTGRESQL_DDL). For a
+    migration's tables; anything else that differs, branch on conn.engine."""
+    if conn.engine == "postgresql":
+        for sqlite_words, postgresql_words in POSTGRESQL_DDL:
+            sql = sql.replace(sqlite_words, postgresql_words)
+    conn.execute(sql)
+
+
 def migration(fn):
     MIGRATIONS.append(fn)
     return fn
@@ -26,7 +45,9 @@ def create_or_upgrade(conn, schema):
     One transaction, serialised across processes and hosts (SQLite's write
     lock; an advisory lock on PostgreSQL), so two servers starting at once do
     not both apply a migration. Migrations after POSTGRESQL_BASELINE run on
-    both engines: `conn.engine` tells which, where their DDL differs.
+    both engines: ddl() writes a table for both; `conn.engine` tells which,
+    where more differs. Everything in one migration runs in this transaction
+    (PostgreSQL's DDL is transactional; SQLite's ALTER TABLE is too).
     """
     if conn.engine == "sqlite":
         conn.executescript(schema)   # idempotent; executescript commits on its own

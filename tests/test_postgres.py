@@ -269,3 +269,16 @@ def test_a_reply_with_a_nul_character_is_stored_without_it(app, session_id):
     on_postgresql = "://" in app.config["DATABASE"]
     assert stored["content"] == ("ab" if on_postgresql else "a\u0000b")   # SQLite keeps it
     assert stored["status"] == "complete"
+
+
+def test_a_migration_writes_a_table_once_for_both_engines(database):
+    from chatbot.migrations import ddl
+    conn = db.connect(database)
+    try:
+        ddl(conn, "CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, raw BLOB)")
+        ids = [conn.execute("INSERT INTO t (at, raw) VALUES (?, ?) RETURNING seq", (1.5, b"\x00\xff")).fetchone()[0]
+               for _ in range(3)]
+        assert ids == [1, 2, 3]
+        assert [tuple(r) for r in conn.execute("SELECT at, raw FROM t WHERE seq = ?", (2,))] == [(1.5, b"\x00\xff")]
+    finally:
+        conn.close()
