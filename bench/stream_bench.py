@@ -391,6 +391,8 @@ def main():
     parser.add_argument("--root", default=str(ROOT),
                         help="the checkout whose service is measured (this script stays the same), e.g. an"
                              " older commit's tree, for a before/after comparison on one machine")
+    parser.add_argument("--database", help="CHATBOT_DATABASE, e.g. a postgresql:// URL "
+                                           "(default: a throw-away SQLite file)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     if args.words > 512:
@@ -400,7 +402,8 @@ def main():
     standin_port, service_port = free_port(), free_port()
     standin = start([sys.executable, "-m", "chatbot.standin", "--port", str(standin_port),
                      "--delay", str(args.delay)], f"http://127.0.0.1:{standin_port}/health")
-    env = {"CHATBOT_BIND": f"127.0.0.1:{service_port}", "CHATBOT_DATABASE": f"{tmp}/bench.sqlite",
+    env = {"CHATBOT_BIND": f"127.0.0.1:{service_port}",
+           "CHATBOT_DATABASE": args.database or f"{tmp}/bench.sqlite",
            "CHATBOT_LLM_URL": f"http://127.0.0.1:{standin_port}", "CHATBOT_LLM_PROTOCOL": "midm",
            # Keys off: one client key would meet the per-key stream and rate limits.
            "CHATBOT_AUTH": "disabled"}
@@ -507,7 +510,8 @@ def main():
 
     report = {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "database")},
+        "database": "postgresql" if args.database and "://" in args.database else "sqlite",
         "commit": subprocess.run(["git", "-C", args.root, "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip() or args.root,
         "gunicorn": {"workers": args.workers or "gunicorn.conf.py default",
