@@ -96,7 +96,6 @@ def create_app(test_config=None):
         from . import web
         app.register_blueprint(web.bp)
 
-
     @app.cli.command("dev-llm")
     @click.option("--host", default="127.0.0.1")
     @click.option("--port", default=8000, type=int)

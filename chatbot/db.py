@@ -6,11 +6,8 @@ A connection has execute(sql, params) with sqlite3's placeholders (`?`,
 `:name`) and rows that read like sqlite3.Row, transaction(), lock(*key) and
 close(); driver errors come out as the store's (store/base.py).
 """
-import contextlib
 import logging
 import os
-import sqlite3
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,9 +15,10 @@ from pathlib import Path
 import click
 from flask import current_app, g
 
+from . import sqlite
 from .migrations import create_or_upgrade
 from .store import recover_dead_generations
-from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable
+from .store.base import StoreBusy, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,88 +28,9 @@ BUSY_TIMEOUT_MS = 15000
 # stay as large as the largest burst of writes ever made); CHATBOT_WAL_SIZE_LIMIT.
 journal_size_limit = 64 * 1024 * 1024
 
-# SQLite has one writer at a time. Threads of one process queue for it here, in
-# order, instead of in SQLite's busy handler, which polls with sleeps and lets a
-# crowd of hundreds of streams starve some of them past the busy timeout.
-_writer = threading.Lock()
-_no_lock = contextlib.nullcontext()
-
 
 def is_url(database):
     return "://" in str(database)
-
-
-def _sqlite_error(e):
-    text = str(e)
-    if isinstance(e, sqlite3.OperationalError):
-        if "locked" in text or "busy" in text:
-            return StoreBusy(text)
-        if "unable to open" in text or "disk I/O" in text:
-            return StoreUnavailable(text)
-    if isinstance(e, sqlite3.IntegrityError):
-        return Conflict(text)
-    return StoreError(text)
-
-
-class SqliteConnection:
-    engine = "sqlite"
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def execute(self, sql, params=()):
-        try:
-            cursor = self.raw.execute(sql, params)
-            # Fetched at once, as on PostgreSQL: driver errors happen here, not in a later fetch.
-            return Result(cursor.fetchall() if cursor.description else [], cursor.rowcount)
-        except sqlite3.Error as e:
-            raise _sqlite_error(e) from e
-
-    def executemany(self, sql, seq_of_params):
-        try:
-            self.raw.executemany(sql, seq_of_params)
-        except sqlite3.Error as e:
-            raise _sqlite_error(e) from e
-
-    def executescript(self, sql):
-        try:
-            self.raw.executescript(sql)
-        except sqlite3.Error as e:
-            raise _sqlite_error(e) from e
-
-    @contextmanager
-    def transaction(self, write=True):
-        """BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, so a
-        read-then-write cannot be overtaken by another process. With
-        write=False, BEGIN: reads that see one snapshot (WAL), no lock."""
-        with _writer if write else _no_lock:
-            self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield
-            except BaseException:
-                self.execute("ROLLBACK")
-                raise
-            self.execute("COMMIT")
-
-    def lock(self, *key):
-        """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
-
-    def close(self):
-        self.raw.close()
-
-
-class Result:
-    def __init__(self, rows, rowcount):
-        self._rows, self.rowcount = rows, rowcount
-
-    def fetchone(self):
-        return self._rows[0] if self._rows else None
-
-    def fetchall(self):
-        return self._rows
-
-    def __iter__(self):
-        return iter(self._rows)
 
 
 def check_database(database):
@@ -132,20 +51,7 @@ def connect(database, busy_timeout_ms=BUSY_TIMEOUT_MS):
     if is_url(database):
         from . import pg
         return pg.connect(str(database), busy_timeout_ms)
-    # isolation_level=None: we open write transactions ourselves and keep them short.
-    try:
-        raw = sqlite3.connect(database, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                              check_same_thread=False)
-    except sqlite3.Error as e:
-        raise _sqlite_error(e) from e
-    raw.row_factory = sqlite3.Row
-    conn = SqliteConnection(raw)
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
-    conn.execute(f"PRAGMA journal_size_limit = {int(journal_size_limit)}")
-    return conn
+    return sqlite.connect(database, busy_timeout_ms, journal_size_limit)
 
 
 def _open(config):

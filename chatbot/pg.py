@@ -3,7 +3,6 @@ connections from a psycopg_pool pool per process, `?` placeholders, rows that
 read like sqlite3.Row, and the driver's errors turned into the store's."""
 import functools
 import hashlib
-import logging
 import os
 import re
 import threading
@@ -15,10 +14,8 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .db import Result
+from .sqlite import Result
 from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable
-
-log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5    # seconds to reach the server
 POOL_TIMEOUT = 10      # seconds a request waits for a free connection of its worker's pool
@@ -38,7 +35,8 @@ def check_url(url):
     except psycopg.ProgrammingError as e:
         raise ValueError(f"CHATBOT_DATABASE is not a valid PostgreSQL URL: {str(e).strip()}") from None
     if not all(p.isdigit() for p in str(params.get("port", "5432")).split(",")):
-        raise ValueError(f"CHATBOT_DATABASE is not a valid PostgreSQL URL: the port {params['port']!r} is not a number")
+        raise ValueError(f"CHATBOT_DATABASE is not a valid PostgreSQL URL: "
+                         f"the port {params['port']!r} is not a number")
 
 
 def without_password(url):
@@ -84,7 +82,7 @@ def translate(sql):
             return "%%"
         if m.group(1):
             return f"%({m.group(1)})s"
-        return text  # a string literal, a quoted name or a comment
+        return text.replace("%", "%%")  # a string literal, a quoted name or a comment: psycopg reads % there too
     return _TOKENS.sub(replace, sql)
 
 

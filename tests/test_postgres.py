@@ -66,10 +66,16 @@ def test_servers_starting_at_once_migrate_once(postgres):
     assert len(rows(url, "SELECT name FROM migrations")) == len(MIGRATIONS)
 
 
-def test_placeholders_are_translated_outside_strings_and_names():
-    sql = """SELECT '?', 'it''s :x', "a?b", x::text, :name, ? -- a comment?\nFROM t WHERE y LIKE '5%' AND z % 2 = ?"""
-    assert pg.translate(sql) == (
-        """SELECT '?', 'it''s :x', "a?b", x::text, %(name)s, %s -- a comment?\nFROM t WHERE y LIKE '5%' AND z %% 2 = %s""")
+def test_placeholders_are_translated_outside_strings_and_names(postgres):
+    sql = "SELECT '?', 'it''s :x', \"a?b\", x::text, :name, ? -- a comment?\nFROM t WHERE y LIKE '5%' AND z % 2 = ?"
+    assert pg.translate(sql) == ("SELECT '?', 'it''s :x', \"a?b\", x::text, %(name)s, %s -- a comment?\n"
+                                 "FROM t WHERE y LIKE '5%%' AND z %% 2 = %s")
+    conn = db.connect(postgres.new_database())
+    try:
+        row = conn.execute("SELECT '?:x' AS q, '5%' || ? AS p, 7 % ? AS m, ?::text AS t", ("a", 4, 12)).fetchone()
+    finally:
+        conn.close()
+    assert dict(row) == {"q": "?:x", "p": "5%a", "m": 3, "t": "12"}
 
 
 # --- read-then-writes under READ COMMITTED (both engines) ------------------------

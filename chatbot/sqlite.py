@@ -1,0 +1,109 @@
+"""SQLite behind the store's connection interface (see db.py): stdlib sqlite3,
+the pragmas it leaves off, one writer at a time, and sqlite3's errors turned
+into the store's."""
+import contextlib
+import sqlite3
+import threading
+from contextlib import contextmanager
+
+from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable
+
+# SQLite has one writer at a time. Threads of one process queue for it here, in
+# order, instead of in SQLite's busy handler, which polls with sleeps and lets a
+# crowd of hundreds of streams starve some of them past the busy timeout.
+_writer = threading.Lock()
+_no_lock = contextlib.nullcontext()
+
+
+def store_error(e):
+    """The store's error for a sqlite3 error."""
+    text = str(e)
+    if isinstance(e, sqlite3.OperationalError):
+        if "locked" in text or "busy" in text:
+            return StoreBusy(text)
+        if "unable to open" in text or "disk I/O" in text:
+            return StoreUnavailable(text)
+    if isinstance(e, sqlite3.IntegrityError):
+        return Conflict(text)
+    return StoreError(text)
+
+
+class Result:
+    """The rows of a statement, fetched at once (so driver errors happen in execute)."""
+
+    def __init__(self, rows, rowcount):
+        self._rows, self.rowcount = rows, rowcount
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self):
+        return self._rows
+
+    def __iter__(self):
+        return iter(self._rows)
+
+
+class SqliteConnection:
+    engine = "sqlite"
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def execute(self, sql, params=()):
+        try:
+            cursor = self.raw.execute(sql, params)
+            return Result(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+        except sqlite3.Error as e:
+            raise store_error(e) from e
+
+    def executemany(self, sql, seq_of_params):
+        try:
+            self.raw.executemany(sql, seq_of_params)
+        except sqlite3.Error as e:
+            raise store_error(e) from e
+
+    def executescript(self, sql):
+        try:
+            self.raw.executescript(sql)
+        except sqlite3.Error as e:
+            raise store_error(e) from e
+
+    @contextmanager
+    def transaction(self, write=True):
+        """BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, so a
+        read-then-write cannot be overtaken by another process. With
+        write=False, BEGIN: reads that see one snapshot (WAL), no lock."""
+        with _writer if write else _no_lock:
+            self.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield
+            except BaseException:
+                self.execute("ROLLBACK")
+                raise
+            self.execute("COMMIT")
+
+    def lock(self, *key):
+        """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
+
+    def close(self):
+        self.raw.close()
+
+
+def connect(path, busy_timeout_ms, journal_size_limit):
+    """A connection with the pragmas SQLite leaves off by default (they are per
+    connection, so every connection goes through here). isolation_level=None:
+    we open write transactions ourselves and keep them short."""
+    try:
+        raw = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None,
+                              check_same_thread=False)
+    except sqlite3.Error as e:
+        raise store_error(e) from e
+    raw.row_factory = sqlite3.Row
+    conn = SqliteConnection(raw)
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
+    conn.execute(f"PRAGMA journal_size_limit = {int(journal_size_limit)}")  # the WAL shrinks back after a burst
+    return conn
