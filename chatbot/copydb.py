@@ -1,11 +1,14 @@
-"""copy-db: every session, message and API key from one database to another
+"""copy-db: every session, message and API key (and idempotency key) from one database to another
 (SQLite to PostgreSQL when a team outgrows one host, or back), keeping ids,
 times, order, statuses and usage; a key made on the source works on the target."""
 from .db import connect, init_db
 
 # Parents before children (foreign keys), each with the key it is read in order of.
-# A new table that belongs to a conversation goes here too.
-TABLES = {"sessions": "session_id", "messages": "seq", "session_activity": "seq", "api_keys": "key_id"}
+# A new table that belongs to a conversation goes here too. reply_log: the text
+# of replies still running when the servers stopped (their lease expires on the
+# target, which then stores them as worker_lost with that text).
+TABLES = {"sessions": ("session_id",), "messages": ("seq",), "session_activity": ("seq",),
+          "reply_log": ("message_id", "end_pos"), "api_keys": ("key_id",), "idempotency_keys": ("owner", "key")}
 # Ids made by the database: the target's next ones must follow the copied ones.
 IDENTITIES = {"messages": "seq", "session_activity": "seq"}
 BATCH = 1000
@@ -60,14 +63,15 @@ def _copy_table(src, dst, table, key, progress):
     overriding = " OVERRIDING SYSTEM VALUE" if dst.engine == "postgresql" and table in IDENTITIES else ""
     insert = (f"INSERT INTO {table} ({listed}){overriding}"
               f" VALUES ({', '.join('?' for _ in names)})")
+    order = ", ".join(key)
     last, copied = None, 0
-    while True:
-        after = "" if last is None else f" WHERE {key} > ?"
-        rows = src.execute(f"SELECT {listed} FROM {table}{after} ORDER BY {key} LIMIT {BATCH}",
-                           () if last is None else (last,)).fetchall()
+    while True:   # in key order, a batch at a time, each after the last one read
+        after = "" if last is None else f" WHERE ({order}) > ({', '.join('?' for _ in key)})"
+        rows = src.execute(f"SELECT {listed} FROM {table}{after} ORDER BY {order} LIMIT {BATCH}",
+                           last or ()).fetchall()
         if not rows:
             return copied
         dst.executemany(insert, [tuple(row) for row in rows])
         copied += len(rows)
-        last = rows[-1][key]
+        last = tuple(rows[-1][k] for k in key)
         progress(f"{table}: {copied} rows")

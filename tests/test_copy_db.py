@@ -3,6 +3,7 @@ keeping ids, times, order, statuses and usage; keys keep working."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -57,20 +58,29 @@ def fill(database, standin):
     return alice, bob, bearer(old)
 
 
+def idempotent_chat(client, headers, session_id):
+    return client.post("/api/chat", json={"session_id": session_id, "message": "once @@words=2"},
+                       headers={**headers, "Idempotency-Key": "k-1"})
+
+
 def test_copy_keeps_every_session_message_and_key(source_and_target, standin):
     source, target = source_and_target
     alice, bob, revoked = fill(source, standin)
-    before = {name: everything(secured_app(source, standin).test_client(), h)
-              for name, h in (("alice", alice), ("bob", bob))}
+    source_client = secured_app(source, standin).test_client()
+    bobs = source_client.get("/api/sessions", headers=bob).json["sessions"][0]["session_id"]
+    once = idempotent_chat(source_client, bob, bobs).json
+    before = {name: everything(source_client, h) for name, h in (("alice", alice), ("bob", bob))}
 
     result = copy_db_cli(source, target)
     assert result.returncode == 0, result.stderr
-    assert "Copied 5 sessions, 20 messages" in result.stdout
+    assert "Copied 5 sessions, 22 messages" in result.stdout
 
     client = secured_app(target, standin).test_client()
     after = {name: everything(client, h) for name, h in (("alice", alice), ("bob", bob))}
     assert after == before   # ids, times, titles, order, statuses, usage: the keys found them
     assert client.get("/api/sessions", headers=revoked).status_code == 401   # still revoked
+    again = idempotent_chat(client, bob, bobs)   # a client retrying across the move: the same reply
+    assert again.headers.get("Idempotent-Replayed") == "true" and again.json == once
 
     # The copy takes new writes after the copied ones: new messages come last.
     sid = after["alice"][0][0]["session_id"]
@@ -119,3 +129,23 @@ def test_a_progress_line_per_thousand_rows(source_and_target, standin):
             m["content"] for m in messages]
     finally:
         copied.close()
+
+
+def test_a_reply_running_when_the_servers_stopped_keeps_its_logged_text(source_and_target, standin):
+    source, target = source_and_target
+    app = create_app({"TESTING": True, "DATABASE": source, "LLM_URL": standin, "AUTH": "disabled"})
+    sid = app.test_client().post("/api/sessions").json["session_id"]
+    conn = db.connect(source)
+    turn = store.begin_turn(conn, sid, "q", lease_owner="gone:1:x", lease_seconds=600)
+    store.save_progress(conn, "gone:1:x", 600, [(turn["reply_id"], turn["fence"], 3, "안녕 "),
+                                               (turn["reply_id"], turn["fence"], 6, "하세요")], [])
+    conn.close()
+
+    assert copy_db_cli(source, target).returncode == 0
+    copied = db.connect(target)   # time passes: the lease of the host that was stopped expires
+    copied.execute("UPDATE sessions SET lease_expires = ? WHERE session_id = ?", (time.time() - 1, sid))
+    copied.close()
+    app = create_app({"TESTING": True, "DATABASE": target, "LLM_URL": standin, "AUTH": "disabled"})
+    [_, reply] = app.test_client().get(f"/api/sessions/{sid}/messages").json["messages"]
+    assert (reply["content"], reply["status"]) == ("안녕 하세요", "incomplete")
+    assert reply["error"]["code"] == "worker_lost"
