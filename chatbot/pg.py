@@ -109,11 +109,11 @@ def _holds_nul(params):
 
 
 def _without_nul(sql, params):
-    """PostgreSQL's text cannot hold U+0000 (SQLite's can). Request bodies
-    holding it are refused (models.checked_text); elsewhere, in a value
-    looked up (an id in a path) it matches nothing, as nothing stored holds
-    it: NULL matches nothing either. In text written (an LLM's reply, a copy
-    from SQLite) the character is dropped."""
+    """PostgreSQL's text cannot hold U+0000 (SQLite's can). In text written
+    (a message, a title, an LLM's reply, a copy from SQLite) the character is
+    dropped; in a value looked up (an id in a path) it matches nothing, as
+    nothing stored holds it: NULL matches nothing either. (JSON columns hold
+    it escaped, as \\u0000, and keep it.)"""
     writes = sql.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE")
 
     def clean(v):
