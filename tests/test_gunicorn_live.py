@@ -2,11 +2,10 @@
 import os
 import shutil
 import signal
-import sqlite3
 
 import requests
 
-from chatbot import DEFAULTS
+from chatbot import DEFAULTS, db
 
 from conftest import ROOT, SSEStream, wait_for
 from helpers import deltas
@@ -56,8 +55,12 @@ def test_a_database_error_when_a_worker_dies_neither_stops_nor_blocks_the_master
     server = start_server(CHATBOT_WORKERS="1")
     (worker,) = server.worker_pids()
     # Another process holds the database's write lock (longer than child_exit may wait).
-    holder = sqlite3.connect(server.db_path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
+    holder = db.connect(server.db_path)
+    if holder.engine == "sqlite":
+        holder.execute("BEGIN IMMEDIATE")
+    else:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
     try:
         os.kill(worker, signal.SIGKILL)
         # Replaced well before the 15 s a request would wait for the database.
@@ -89,7 +92,7 @@ def project_copy(tmp_path):
     """The service's files in a directory of their own, to change them."""
     app = tmp_path / "app"
     shutil.copytree(ROOT / "chatbot", app / "chatbot", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("wsgi.py", "gunicorn.conf.py", "schema.sql"):
+    for name in ("wsgi.py", "gunicorn.conf.py", "schema.sql", "schema-postgresql.sql"):
         shutil.copy(ROOT / name, app / name)
     return app
 
