@@ -407,11 +407,11 @@ def test_after_the_ttl_the_same_key_starts_a_new_turn(start_server, standin_log)
 
 # --- across processes, at once, regenerate ------------------------------------------
 
-def test_a_retry_through_another_process_attaches_to_the_running_turn(start_server, tmp_path, standin_log):
+def test_a_retry_through_another_process_attaches_to_the_running_turn(start_server, standin_log):
     # Two servers on one database: the retry is certainly served by another
     # process than the producer's, and follows the reply through the database.
-    db_path = tmp_path / "shared.sqlite"
-    producer, other = start_server(db_path), start_server(db_path)
+    producer = start_server()
+    other = start_server(producer.db_path)
     sid, key, marker = producer.new_session(), new_key(), uuid.uuid4().hex
     body = {"session_id": sid, "message": f"{marker} @@words=40 @@delay=0.05"}
     first = stream(producer, body, key)
