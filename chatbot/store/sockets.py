@@ -16,13 +16,14 @@ def open_socket(db, owner, limit, now=None):
     """Count a new socket of `owner`; its id, or None when `owner` already has
     `limit` live sockets (0: no limit).
 
-    One conditional INSERT: with SQLite's single writer it cannot be overtaken;
-    on a database with concurrent writers two opens racing for the last place
-    may both get it, which a cap of this kind can afford.
+    One conditional INSERT: with SQLite's single writer it cannot be
+    overtaken; on PostgreSQL the owner's advisory lock keeps two opens racing
+    for the last place from both getting it.
     """
     now = time.time() if now is None else now
     socket_id = new_id()
     with transaction(db):
+        db.lock("sockets", owner)
         db.execute("DELETE FROM open_sockets WHERE owner = ? AND expires_at < ?", (owner, now))
         inserted = db.execute(
             "INSERT INTO open_sockets (socket_id, owner, expires_at) SELECT ?, ?, ?"
