@@ -101,6 +101,7 @@ def watch_the_writer(db_path, stop):
     return longest, counts
 
 
+@pytest.mark.sqlite_only   # SQLite's write lock and WAL file
 def test_a_large_import_is_written_in_short_transactions(start_server):
     server = start_server()
     body = long_conversation(800, 9000)    # about 14 MB of JSON
@@ -175,6 +176,7 @@ def test_stored_bytes_per_key_have_a_quota(start_server):
     assert post_import(server, long_conversation(1, 5000), alice).status_code == 201     # still fits
 
 
+@pytest.mark.sqlite_only   # SQLite's write lock and WAL file
 def test_the_wal_does_not_stay_large_after_an_import(start_server):
     server = start_server(CHATBOT_WAL_SIZE_LIMIT=str(1024 * 1024))
     # A connection that stays open, as a worker's turn monitor does: without
