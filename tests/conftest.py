@@ -147,9 +147,13 @@ class PostgresServer:
                    " -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
         self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "log"), "-o", options, "-w", "start")
         self.admin_url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        conn = db.connect(self.admin_url)
-        conn.execute("CREATE DATABASE chatbot_test")
-        conn.close()
+        try:
+            conn = db.connect(self.admin_url)
+            conn.execute("CREATE DATABASE chatbot_test")
+            conn.close()
+        except BaseException:   # never leave a server behind
+            self.stop()
+            raise
 
     def run(self, program, *args):
         done = subprocess.run([*self.as_user, str(self.bindir / program), *args], cwd=self.dir,
