@@ -24,12 +24,7 @@ def start(body, stream):
 @bp.post("/chat")
 def chat():
     events, replayed = start(parse_body(ChatRequest), stream=False)
-    for kind, value, _ in events:
-        if kind == "done":
-            return value, 200, REPLAYED if replayed else {}
-        if kind == "error":
-            raise turns.failed(value, replayed)
-    raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
+    return turns.reply_of(events, replayed), 200, REPLAYED if replayed else {}
 
 
 @bp.post("/chat/stream")
@@ -49,14 +44,7 @@ def resume(session_id, message_id):
 
 
 def sse_response(events, replayed=False):
-    # The upstream is asked before the response starts, so that a server that
-    # cannot be reached or refuses is a plain problem+json answer, not a stream.
-    first = next((e for e in events if e[0] != "idle"), None)
-    if first is None:
-        raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
-    if first[0] == "error":
-        events.close()
-        raise turns.failed(first[1], replayed)
+    first = turns.first_event(events, replayed)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(REPLAYED if replayed else {})}
     return Response(sse(first, events, current_app.config["SSE_KEEPALIVE"]),
                     mimetype="text/event-stream", headers=headers)

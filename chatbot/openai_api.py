@@ -238,20 +238,8 @@ def chat_completions():
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     headers = {SESSION_HEADER: session_id, **({"Idempotent-Replayed": "true"} if replayed else {})}
     if not body.stream:
-        for kind, value, _ in events:
-            if kind == "done":
-                return completion(value), headers
-            if kind == "error":
-                raise turns.failed(value, replayed)
-        raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
-    # As /api/chat/stream: the upstream is asked before the response starts, so
-    # that one that cannot be reached or refuses is a plain error answer.
-    first = next((e for e in events if e[0] != "idle"), None)
-    if first is None:
-        raise turns.TurnRefused("client_gone", "The client disconnected.", status=400)
-    if first[0] == "error":
-        events.close()
-        raise turns.failed(first[1], replayed)
+        return completion(turns.reply_of(events, replayed)), headers
+    first = turns.first_event(events, replayed)
     return Response(sse(first, events, model_name(), include_usage, current_app.config["SSE_KEEPALIVE"]),
                     mimetype="text/event-stream",
                     headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -188,6 +188,29 @@ def stop(session_id, owner):
         turn.end("incomplete", "stopped")
 
 
+def reply_of(events, replayed=False):
+    """The stored reply at the end of a reply's events (a whole answer), or its refusal."""
+    for kind, value, _ in events:
+        if kind == "done":
+            return value
+        if kind == "error":
+            raise failed(value, replayed)
+    raise TurnRefused("client_gone", "The client disconnected.", status=400)
+
+
+def first_event(events, replayed=False):
+    """The first event of a stream (start), or its refusal. The upstream is
+    asked before a stream's response starts, so that one that cannot be
+    reached or refuses is a plain error answer, not a stream."""
+    first = next((e for e in events if e[0] != "idle"), None)
+    if first is None:
+        raise TurnRefused("client_gone", "The client disconnected.", status=400)
+    if first[0] == "error":
+        events.close()
+        raise failed(first[1], replayed)
+    return first
+
+
 def failed(problem, replayed=False):
     """The turn's error event as a refusal (an upstream that failed before the stream began)."""
     return TurnRefused(problem["code"], problem["detail"], status=problem.get("status", 502),
