@@ -42,6 +42,7 @@ TICK = 0.2               # how long a subscriber waits before it looks around (k
 LOG_SECONDS = 0.2        # how often new text of running replies is appended to the database
 CLIENT_CHECK_SECONDS = 0.5
 WATCH_SECONDS = 3.0      # how long a client attached through another process counts as listening
+NOTIFIED_SIGNAL_SECONDS = 1.0   # how often stop flags are read where NOTIFY wakes producers
 SWEEP_SECONDS = 5.0      # how often replies of dead workers elsewhere are looked for
 PRUNE_SECONDS = 600.0    # how often expired idempotency keys and old activity rows are deleted
 TRIM_SECONDS = 5.0       # how often, while turns start, freed memory goes back to the system
@@ -359,10 +360,12 @@ class Monitor:
         self.turns = {}
         self.thread = None
         self.pid = None
+        self.listening = set()   # (pid, database) with a stop listener
         self.started = 0      # turns started since memory was last trimmed
         self.trimmed = 0.0
 
     def add(self, turn):
+        self.listen_for_stops(turn.config["DATABASE"])
         with self.lock:
             self.turns[turn.reply_id] = turn
             self.started += 1
@@ -372,6 +375,24 @@ class Monitor:
                 self.pid = os.getpid()
                 self.thread = threading.Thread(target=self._run, daemon=True, name="turn-monitor")
                 self.thread.start()
+
+    def listen_for_stops(self, database):
+        """On PostgreSQL, one connection per process LISTENs for stop requests
+        (store.request_stop NOTIFYs them), so a stop sent to any host wakes
+        the producer at once."""
+        key = (os.getpid(), database)
+        with self.lock:
+            if not db.is_url(database) or key in self.listening:
+                return
+            self.listening.add(key)
+        from . import pg
+        threading.Thread(target=pg.listen, args=(database, store.STOP_CHANNEL, self._stop_notified),
+                         daemon=True, name="stop-listener").start()
+
+    def _stop_notified(self, session_id):
+        turn = self.for_session(session_id)
+        if turn is not None:
+            turn.end("incomplete", "stopped")
 
     def remove(self, turn):
         with self.lock:
@@ -408,7 +429,7 @@ class Monitor:
         for path, group in by_database.items():
             if path not in databases:
                 databases[path] = {"conn": db.connect(path), "config": group[0].config,
-                                   "renewed": 0.0, "swept": now, "pruned": 0.0}
+                                   "renewed": 0.0, "swept": now, "pruned": 0.0, "signalled": 0.0}
             self._save(databases[path], group, now)
         for state in databases.values():
             # Replies of dead workers elsewhere are closed within a lease, even
@@ -446,6 +467,11 @@ class Monitor:
                 if turn.reply_id in lost and turn.terminal is None:
                     turn.lost = True
                     turn.end("incomplete", None, store.WORKER_LOST)
+        # On PostgreSQL a stop also arrives at once by NOTIFY (see listen_for_stops):
+        # the flag is then only the truth to fall back on, read once a second.
+        if conn.engine == "postgresql" and now - state["signalled"] < NOTIFIED_SIGNAL_SECONDS:
+            return
+        state["signalled"] = now
         signals = store.turn_signals(conn, [t.reply_id for t in group])
         for turn in group:
             stop, turn.watched_until = signals.get(turn.reply_id, (False, 0.0))

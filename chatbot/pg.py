@@ -3,6 +3,7 @@ connections from a psycopg_pool pool per process, `?` placeholders, rows that
 read like sqlite3.Row, and the driver's errors turned into the store's."""
 import functools
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -16,6 +17,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .sqlite import Result
 from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5    # seconds to reach the server
 POOL_TIMEOUT = 10      # seconds a request waits for a free connection of its worker's pool
@@ -185,6 +188,20 @@ class PgConnection:
         raw, self.raw = self.raw, None
         if raw is not None:
             self._release(raw)
+
+
+def listen(url, channel, callback):
+    """Call callback(payload) for each NOTIFY on `channel`, for ever, on a
+    connection of its own (reconnecting after a failure). Run it in a thread."""
+    while True:
+        try:
+            with psycopg.connect(url, **_connect_kwargs()) as raw:
+                raw.execute(f"LISTEN {channel}")
+                for notify in raw.notifies():
+                    callback(notify.payload)
+        except Exception:
+            log.exception("LISTEN %s: connection lost (will reconnect)", channel)
+            time.sleep(1)
 
 
 def _connect_kwargs():

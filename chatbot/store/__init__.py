@@ -14,6 +14,6 @@ from .rates import take_request  # noqa: F401
 from .sessions import (SessionQuota, create_session, delete_session, get_message, get_session, history,  # noqa: F401
                        import_session, last_user_message, list_messages, list_sessions, make_title,
                        message_dict, page_messages, update_session)
-from .turns import (WORKER_LOST, NothingToRegenerate, SessionGone, TooManyTurns, begin_turn,  # noqa: F401
+from .turns import (STOP_CHANNEL, WORKER_LOST, NothingToRegenerate, SessionGone, TooManyTurns, begin_turn,  # noqa: F401
                     finish_turn, idempotent_turn, prune, question_of, read_reply, recover_dead_generations,
                     recover_reply, request_stop, running_turns, save_progress, turn_signals, watch)

@@ -14,6 +14,8 @@ import time
 from .base import SessionGone, ago_iso, now_iso, transaction
 from .sessions import _insert_message, _touch, get_message, make_title, message_dict
 
+STOP_CHANNEL = "chatbot_stop"   # PostgreSQL's NOTIFY channel for stop requests
+
 WORKER_LOST = {"code": "worker_lost", "detail": "The worker generating this reply stopped."}
 
 
@@ -178,10 +180,14 @@ def watch(db, reply_id, seconds):
 def request_stop(db, session_id):
     """Ask whoever generates this session's reply to stop. False if none runs."""
     with transaction(db):
-        return db.execute(
+        running = db.execute(
             "UPDATE sessions SET stop_requested = 1 WHERE session_id = ? AND generating_message_id IS NOT NULL",
             (session_id,),
         ).rowcount > 0
+        if running and db.engine == "postgresql":
+            # The wake-up for the producer's host (delivered at commit, so the flag is set by then).
+            db.execute("SELECT pg_notify(?, ?)", (STOP_CHANNEL, session_id))
+    return running
 
 
 def finish_turn(db, session_id, reply_id, fence, content, status, token_usage, finish_reason, error=None):
