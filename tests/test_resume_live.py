@@ -338,3 +338,35 @@ def test_a_stop_sent_to_another_server_ends_the_reply_within_half_a_second(two, 
         lags.append(ending[2] - sent)
     assert statistics.median(lags) < 0.5, lags
     print("stop lags", lags)
+
+
+def test_a_host_killed_whole_frees_its_sessions_within_the_lease(start_server):
+    """SIGKILL of a host's whole process tree (master included, so no child_exit):
+    within CHATBOT_LEASE_SECONDS the other host takes a new chat in its session,
+    and the cut reply is stored with the text logged up to a second before."""
+    a = start_server(CHATBOT_LEASE_SECONDS="3")
+    b = start_server(a.db_path, CHATBOT_LEASE_SECONDS="3")
+    sid = a.new_session()
+    first = stream(a, sid, "@@words=600 @@delay=0.01")
+    events = first.events()
+    start = next(events)[1]
+    got, received = [], []
+    for event in events:
+        got.append(event)
+        received.append((event[2], deltas(got)))
+        if event[2] - received[0][0] > 1.5:
+            break
+    workers = a.worker_pids()
+    killed_at = time.monotonic()
+    for pid in [a.proc.pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    shown_a_second_before = max(text for at, text in received if at <= killed_at - 1.0)
+    busy = requests.post(b.url + "/api/chat", json={"session_id": sid, "message": "again @@words=2"})
+    assert busy.status_code == 409   # the lease still runs: the dead host might only be slow
+    answer = wait_for(lambda: requests.post(b.url + "/api/chat",
+                                            json={"session_id": sid, "message": "again @@words=2"}).ok,
+                      timeout=10, interval=0.5)
+    assert answer and time.monotonic() - killed_at < 3 + 2
+    cut = [m for m in stored_messages(b.db_path, sid) if m["message_id"] == start["message_id"]][0]
+    assert cut["status"] == "incomplete" and json.loads(cut["error"])["code"] == "worker_lost"
+    assert cut["content"].startswith(shown_a_second_before)
