@@ -80,7 +80,6 @@ class Turn:
         self.started = False              # the upstream accepted the request
         self.terminal = None              # (kind, value) once the reply is stored
         self.ending = None                # (status, finish_reason, error) when ended from outside
-        self.lost = False                 # our lease was taken over: write nothing more
         self.subscribers, self.left_at = 0, None
         self.watched_until = 0.0          # a client attached through another process
         self.began, self.last_text = time.monotonic(), None
@@ -465,7 +464,6 @@ class Monitor:
                 turn.logged = count
             for turn in group:
                 if turn.reply_id in lost and turn.terminal is None:
-                    turn.lost = True
                     turn.end("incomplete", None, store.WORKER_LOST)
         # On PostgreSQL a stop also arrives at once by NOTIFY (see listen_for_stops):
         # the flag is then only the truth to fall back on, read once a second.
