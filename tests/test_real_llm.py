@@ -188,6 +188,9 @@ class RecordingProxy:
             if self.spoil and body:
                 body = self.spoil(body)
                 head = re.sub(rb"(?i)\r\ncontent-length: *\d+", b"\r\nContent-Length: %d" % len(body), head)
+            # One request per connection, so that each is seen here: the backend
+            # keeps upstream connections alive, and the proxy reads only a first request.
+            head = re.sub(rb"(?i)\r\nconnection: *[^\r]*", b"", head) + b"\r\nConnection: close"
             method, path = head.split(b" ")[:2]
             exchange = {"method": method.decode(), "path": path.decode(), "body": body, "status": None}
             self.exchanges.append(exchange)
