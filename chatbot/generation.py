@@ -236,9 +236,8 @@ class Turn:
             elif terminal and not announced:  # failed before the upstream accepted the request
                 yield terminal[0], terminal[1], 0
                 return
-            for end, text in pieces:
-                yield "delta", text[len(text) - (end - sent):] if end - sent < len(text) else text, end
-                sent = end
+            yield from deltas_after(pieces, sent)
+            sent = pieces[-1][0] if pieces else sent
             if terminal:
                 yield terminal[0], terminal[1], max(length, sent)
                 return
@@ -270,9 +269,8 @@ def follow_stored(config, reply, after=0, client_gone=None):
                 kind, value = terminal_event(message)
                 yield kind, value, max(len(content), sent)
                 return
-            for end, text in pieces:
-                yield "delta", text[len(text) - (end - sent):] if end - sent < len(text) else text, end
-                sent = end
+            yield from deltas_after(pieces, sent)
+            sent = pieces[-1][0] if pieces else sent
             if expired:  # its worker is gone: close it, and the next look finds it over
                 store.recover_reply(conn, message["session_id"], message["message_id"])
                 continue
@@ -286,6 +284,13 @@ def follow_stored(config, reply, after=0, client_gone=None):
             time.sleep(TICK)
     finally:
         conn.close()
+
+
+def deltas_after(pieces, sent):
+    """Delta events of pieces (end position, text) that end past position
+    `sent`; the piece that `sent` falls inside is cut there."""
+    for end, text in pieces:
+        yield "delta", text[max(0, len(text) - (end - sent)):], end
 
 
 def terminal_event(message):
