@@ -49,6 +49,9 @@ TRIM_SECONDS = 5.0       # how often, while turns start, freed memory goes back 
 # Set by the gunicorn worker shortly before a graceful stop would kill it
 # (gunicorn.conf.py): running turns end as incomplete and say so.
 SHUTDOWN = threading.Event()
+PRODUCER = "producer"    # a Turn's reader when a producer thread reads its upstream
+READER_STALL_SECONDS = 5.0   # a client that reads the upstream but has not for this long (a write
+                             # blocked on a slow client) hands the reading to a producer thread
 INTERNAL_ERROR = {"code": "internal_error", "detail": "The reply could not be generated."}
 STOPPED_BEFORE_TEXT = {"code": "stopped", "detail": "The reply was stopped before any text arrived."}
 CLIENT_GONE = {"code": "client_gone", "detail": "The client disconnected before the reply was finished."}
@@ -81,6 +84,12 @@ class Turn:
         self.terminal = None              # (kind, value) once the reply is stored
         self.ending = None                # (status, finish_reason, error) when ended from outside
         self.subscribers, self.left_at = 0, None
+        # Who reads the upstream (see _produce): PRODUCER, a follower, or None
+        # (the next follower to look); `reading` is held while one does.
+        self.reader, self.reading = PRODUCER, threading.Lock()
+        self.over = False                 # the answer was read to its end (or failed); stored soon
+        self.stepped = time.monotonic()   # when the reader last read
+        self.stalled = False              # a client stopped reading: producer threads read to the end
         self.watched_until = 0.0          # a client attached through another process
         self.began, self.last_text = time.monotonic(), None
         self.usage = self.finish_reason = None
@@ -104,41 +113,101 @@ class Turn:
                 self.ending = (status, finish_reason, error)
         self.call.abort()
 
-    # --- the producer ---------------------------------------------------------
+    # --- reading the upstream ---------------------------------------------------
+    #
+    # One thread at a time reads the upstream: the producer thread opens the
+    # call, and then, as soon as a client of this process follows the reply,
+    # hands the reading to that client's own thread, which reads and relays
+    # each piece itself, with no hand-off between threads per piece. When that
+    # client leaves (or stops reading: a write blocked on a slow client), a
+    # producer thread reads on, so the reply never depends on a client.
 
     def _produce(self):
-        outcome = ("failed", None, INTERNAL_ERROR)
-        try:
-            outcome = self._read()
-        except Exception:
-            log.exception("turn %s: producer failed", self.reply_id)
-        finally:
-            self.call.abort()
-            self._store(outcome)
+        """Open the upstream call; then read it until a client takes that over."""
+        with self.reading:
+            self._open()
+        self._read_to_end()
 
-    def _read(self):
-        """Read the upstream to its end; return (status, finish_reason, error)."""
+    def _read_to_end(self):
+        while not self.over:
+            with self.cond:
+                if self.subscribers and self.call.stream and not self.stalled:
+                    # the first follower to look takes it
+                    self.reader, self.stepped = None, time.monotonic()
+                    self.cond.notify_all()
+                    return
+            with self.reading:
+                self._step(None)
+
+    def _hand_to_producer(self, stalled=False):
+        """(under cond) A producer thread reads from now on; for good when a
+        client stalled (it would take the reading back, and stall again)."""
+        self.reader = PRODUCER
+        self.stalled = self.stalled or stalled
+        PRODUCERS.run(self._read_to_end)
+
+    def _open(self):
         try:
             self.call.open()
-            with self.cond:
-                self.started = True
-                self.cond.notify_all()
-            for chunk in self.call.chunks():
-                self.usage = chunk.usage or self.usage
-                if chunk.completion_tokens is not None:
-                    self.completion_tokens = chunk.completion_tokens
-                self.finish_reason = chunk.finish_reason or self.finish_reason
-                if chunk.text:
-                    if self.last_text is None:
-                        metrics.first_token(time.monotonic() - self.began)
-                    with self.cond:
-                        self.texts.append(chunk.text)
-                        self.ends.append(self.length + len(chunk.text))
-                        self.last_text = time.monotonic()
-                        self.cond.notify_all()
         except UpstreamError as e:
-            return self.ending or ("incomplete", None, {"code": e.code, "detail": e.detail})
-        return self.ending or ("complete", self.finish_reason or "stop", None)
+            self._finish(self.ending or ("incomplete", None, {"code": e.code, "detail": e.detail}))
+            return False
+        except Exception:
+            log.exception("turn %s: opening the upstream call failed", self.reply_id)
+            self._finish(("failed", None, INTERNAL_ERROR))
+            return False
+        with self.cond:
+            self.started = True
+            self.cond.notify_all()
+        return True
+
+    def _step(self, timeout):
+        """Read what the upstream sends within `timeout` seconds (under `reading`);
+        at the end of the answer, store the reply."""
+        if self.over:
+            return
+        self.stepped = time.monotonic()
+        try:
+            chunks = self.call.read(timeout)
+        except UpstreamError as e:
+            return self._finish(self.ending or ("incomplete", None, {"code": e.code, "detail": e.detail}))
+        except Exception:
+            log.exception("turn %s: reading the upstream failed", self.reply_id)
+            return self._finish(("failed", None, INTERNAL_ERROR))
+        if chunks is None:
+            return self._finish(self.ending or ("complete", self.finish_reason or "stop", None))
+        texts = []
+        for chunk in chunks:
+            self.usage = chunk.usage or self.usage
+            if chunk.completion_tokens is not None:
+                self.completion_tokens = chunk.completion_tokens
+            self.finish_reason = chunk.finish_reason or self.finish_reason
+            if chunk.text:
+                texts.append(chunk.text)
+        if texts:
+            now = time.monotonic()
+            if self.last_text is None:
+                metrics.first_token(now - self.began)
+            with self.cond:
+                length = self.length
+                for text in texts:
+                    length += len(text)
+                    self.texts.append(text)
+                    self.ends.append(length)
+                self.last_text = now
+                self.cond.notify_all()
+
+    def _finish(self, outcome):
+        self.over = True
+        self.call.abort()
+        try:
+            self._store(outcome)
+        except Exception:   # _store logs its own failures; the followers must still hear the end
+            log.exception("turn %s: finishing failed", self.reply_id)
+            with self.cond:
+                if self.terminal is None:
+                    self.terminal = "error", {**INTERNAL_ERROR, "status": 500}
+                self.cond.notify_all()
 
     @property
     def length(self):
@@ -206,26 +275,45 @@ class Turn:
         iterating: when it was the last one, the reply goes on for the grace
         period (see Monitor), or to its end with on_disconnect "continue".
         """
+        me = object()   # this follower, as the turn's reader
         with self.cond:
             self.subscribers += 1
         try:
-            yield from self._events(after, client_gone or (lambda: False), announce)
+            yield from self._events(me, after, client_gone or (lambda: False), announce)
         finally:
             with self.cond:
                 self.subscribers -= 1
                 last = self.subscribers == 0 and self.terminal is None
                 if last:
                     self.left_at = time.monotonic()
+                if self.reader is me:
+                    if self.over:
+                        self.reader = None
+                    else:
+                        self._hand_to_producer()
             if last and not self.keep_going and self.config["RESUME_GRACE"] <= 0:
                 self.end("incomplete", "client_gone", CLIENT_GONE)
 
-    def _events(self, sent, client_gone, announced):
+    def _events(self, me, sent, client_gone, announced):
         if announced:
             yield "start", self.ids, None
         next_check = time.monotonic() + CLIENT_CHECK_SECONDS
         while True:
+            read = False
+            if self.reader is None and self.started and not self.over:
+                with self.cond:
+                    if self.reader is None and not self.over:
+                        self.reader = me
+            if self.reader is me and self.reading.acquire(blocking=False):
+                try:
+                    if self.reader is me:  # the monitor may have handed it to a producer meanwhile
+                        self._step(TICK)
+                        read = True
+                finally:
+                    self.reading.release()
             with self.cond:
-                if self.length <= sent and self.terminal is None and (announced or not self.started):
+                if (not read and self.length <= sent and self.terminal is None
+                        and (announced or not self.started)):
                     self.cond.wait(TICK)
                 started, terminal, length = self.started, self.terminal, self.length
                 first = bisect.bisect_right(self.ends, sent)
@@ -485,6 +573,10 @@ class Monitor:
     def _check(turn, now):
         """End a turn that timed out, is being shut down, or has had no listener too long."""
         cfg = turn.config
+        if turn.reader is not PRODUCER and not turn.over and now - turn.stepped > READER_STALL_SECONDS:
+            with turn.cond:
+                if turn.reader is not PRODUCER and not turn.over:
+                    turn._hand_to_producer(stalled=True)
         if turn.terminal is not None or turn.ending is not None:
             return
         if SHUTDOWN.is_set():

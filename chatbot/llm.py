@@ -11,7 +11,9 @@ import http.cookiejar
 import json
 import logging
 import re
+import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -191,33 +193,164 @@ def midm_finish_reason(usage, max_new_tokens, completion_tokens=None):
     return "stop"
 
 
-def sse_data(read):
-    """Yield the `data` of each Server-Sent Event from `read()` (bytes, b"" at the end).
+class SSEParser:
+    """The `data` of each Server-Sent Event in bytes fed as they arrive.
 
     Decodes UTF-8 incrementally, so a character split across two network reads
-    is joined, and yields each event as soon as its blank line arrives.
+    is joined, and gives each event as soon as its blank line arrives.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    buffer, data = "", []
-    while True:
-        raw = read()
-        buffer += decoder.decode(raw, final=not raw)
-        *lines, buffer = buffer.split("\n")
+
+    def __init__(self):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.buffer, self.data = "", []
+
+    def feed(self, raw):
+        """The events `raw` completes (b"" means the end: a last event without its blank line counts)."""
+        events = []
+        self.buffer += self.decoder.decode(raw, final=not raw)
+        *lines, self.buffer = self.buffer.split("\n")
         for line in lines:
             line = line.removesuffix("\r")
             if not line:
-                if data:
-                    yield "\n".join(data)
-                    data = []
+                if self.data:
+                    events.append("\n".join(self.data))
+                    self.data = []
             elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
+                self.data.append(line[5:].removeprefix(" "))
             # comments (":") and other fields (event:, id:, retry:) carry no text
         if not raw:
-            if buffer.startswith("data:"):
-                data.append(buffer[5:].removeprefix(" "))
-            if data:  # a last event without its blank line
-                yield "\n".join(data)
+            if self.buffer.startswith("data:"):
+                self.data.append(self.buffer[5:].removeprefix(" "))
+            if self.data:
+                events.append("\n".join(self.data))
+            self.buffer, self.data = "", []
+        return events
+
+
+def sse_data(read):
+    """Yield the `data` of each Server-Sent Event from `read()` (bytes, b"" at the end)."""
+    parser = SSEParser()
+    while True:
+        raw = read()
+        yield from parser.feed(raw)
+        if not raw:
             return
+
+
+class BodyCut(Exception):
+    """The connection ended (or sent nonsense) before the end of the body."""
+
+
+class Body:
+    """A streamed answer's body read straight off its connection's socket.
+
+    One network read per call, no layers between: the transfer coding
+    (chunked, a Content-Length, or to the close) is undone here. And since
+    no bytes wait in a buffer of someone else's, `poll` on the socket tells
+    truly whether more has come, so the reader can wait with a timeout (for
+    keep-alives, a gone client or a stop) on the socket itself.
+    """
+    MAX_LINE = 4096
+
+    def __init__(self, sock, head, chunked, length):
+        self.sock, self.raw = sock, bytearray(head)
+        if chunked:
+            self.phase, self.left = "size", 0
+        elif length is not None:
+            self.phase, self.left = ("data", length) if length else ("end", 0)
+        else:
+            self.phase, self.left = "close", 0
+        self.chunked = chunked
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+
+    @property
+    def ended(self):
+        return self.phase == "end"
+
+    def read(self, timeout=None):
+        """The body's bytes that arrive within `timeout` seconds (None: however
+        long it takes): b"" when none came or the body is over (`ended`).
+        Raises BodyCut, or OSError, if the connection fails first."""
+        data = self._decode()
+        if data or self.ended:
+            return data
+        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+        if not pending and not self.poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            return b""
+        got = self.sock.recv(READ_SIZE)
+        if not got:
+            if self.phase != "close":
+                raise BodyCut("the connection closed before the end of the body")
+            self.phase = "end"
+            return b""
+        self.raw += got
+        return self._decode()
+
+    def _decode(self):
+        out, raw = [], self.raw
+        while raw:
+            if self.phase in ("data", "close"):
+                n = len(raw) if self.phase == "close" else min(self.left, len(raw))
+                out.append(bytes(raw[:n]))
+                del raw[:n]
+                self.left -= n
+                if self.phase == "data" and not self.left:
+                    self.phase = "crlf" if self.chunked else "end"
+            elif self.phase == "crlf":
+                if len(raw) < 2:
+                    break
+                if raw[:2] != b"\r\n":
+                    raise BodyCut("a chunk of the body is longer than its size says")
+                del raw[:2]
+                self.phase = "size"
+            elif self.phase in ("size", "trailer"):
+                end = raw.find(b"\n")
+                if end < 0:
+                    if len(raw) > self.MAX_LINE:
+                        raise BodyCut("a chunk size line is too long")
+                    break
+                line = bytes(raw[:end]).strip()
+                del raw[:end + 1]
+                if self.phase == "trailer":
+                    if not line:
+                        self.phase = "end"
+                    continue
+                try:
+                    size = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise BodyCut("a chunk size is not a number") from None
+                self.phase, self.left = ("data", size) if size > 0 else ("trailer", 0)
+            else:  # end: whatever follows is not this body's
+                break
+        return b"".join(out)
+
+
+def _take_body(r):
+    """The body of requests' streamed response `r`, to read ourselves (Body).
+
+    http.client has read the headers through a buffer, which may hold the
+    body's first bytes: those are taken out of it (peeking with the socket
+    non-blocking, so nothing waits), and from then on everything comes from
+    the socket. chunks() hands the connection back to urllib3's pool after a
+    whole body, as if http.client had read it."""
+    fp = r.raw._fp.fp
+    sock = fp.raw._sock   # the connection's own may be gone already: an answer with "Connection: close"
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        head = fp.peek()
+        if head:
+            fp.read1(len(head))
+    finally:
+        sock.settimeout(timeout)
+    length = r.headers.get("Content-Length")
+    chunked = "chunked" in r.headers.get("Transfer-Encoding", "").lower()
+    try:
+        length = None if chunked or length is None else int(length)
+    except ValueError:
+        length = None
+    return Body(sock, head, chunked, length)
 
 
 # --- the client ---------------------------------------------------------------
@@ -338,6 +471,9 @@ class Call:
         self._reused = False    # that connection came from the pool
         self._aborted = False
         self._finished = False  # the connection went back to the pool or was closed: abort() must not touch it
+        self._body = self._parser = None   # a streamed answer's body and its events (open())
+        self._over, self._failure = False, None   # read() came to the end; the error it ends with
+        self._seen = {"finish_reason": None, "typed": False, "completed": False, "usage": None, "counted": None}
 
     def _connected(self, sock, reused):
         with self._lock:
@@ -416,79 +552,130 @@ class Call:
             raise UpstreamCut("The request was aborted.")
         try:
             self._check_status(r)
+            if self.stream:
+                self._body, self._parser = _take_body(r), SSEParser()
         except UpstreamError:
             self._close(r)
             raise
+        except (AttributeError, OSError):  # no socket to read (a closed connection)
+            self._close(r)
+            raise UpstreamCut("The LLM server broke off the answer.") from None
+
+    def read(self, timeout=None):
+        """The answer's Chunks (after open()) that arrive within `timeout`
+        seconds (None: however long it takes): [] when none did, None once
+        the answer is over. An error comes after the chunks that arrived
+        before it, at the next read. (An answer not streamed is read whole.)"""
+        if self._failure is not None:
+            error, self._failure = self._failure, None
+            raise error
+        if self._over:
+            return None
+        if not self.stream:
+            self._over = True
+            return [self.whole()]
+        chunks = []
+        try:
+            raw = self._body.read(timeout)
+            events = self._parser.feed(raw) if raw else []
+            done = self._body.ended
+            if done:
+                events += self._parser.feed(b"")
+            for data in events:
+                chunk = parse_event(data)
+                if chunk is None:   # [DONE]
+                    self._drain()
+                    done = True
+                    break
+                self._note(chunk)
+                chunks.append(chunk)
+            else:
+                if not done:
+                    return chunks
+            chunks += self._last_chunks()
+            self._over = True
+            self._close(self._response, reuse=self._body.ended)
+        except UpstreamError as e:
+            self._end_with(e)
+        except (BodyCut, OSError, ValueError) as e:
+            if self._aborted:
+                self._end_with(None)
+            elif isinstance(e, socket.timeout):
+                self._end_with(UpstreamTimeout("The LLM server stopped sending in time."))
+            else:
+                self._end_with(UpstreamCut("The LLM server broke off the answer."))
+        return chunks
+
+    def _end_with(self, error):
+        """The answer is over, with `error` (raised at the next read) or none (an abort)."""
+        self._over, self._failure = True, error
+        self._close(self._response)
+
+    def _note(self, chunk):
+        seen = self._seen
+        seen["finish_reason"] = chunk.finish_reason or seen["finish_reason"]
+        seen["typed"] = seen["typed"] or chunk.kind is not None
+        seen["completed"] = seen["completed"] or chunk.kind == "complete"
+        seen["usage"] = chunk.usage or seen["usage"]
+        if chunk.completion_tokens is not None:
+            seen["counted"] = chunk.completion_tokens
+
+    def _last_chunks(self):
+        """At the end of a stream: what it lacked, inferred, or the error of a stream that ended too soon."""
+        seen, midm = self._seen, self.upstream.protocol == "midm"
+        if not midm and seen["finish_reason"] is None:
+            # e.g. llama.cpp ends an interrupted stream with [DONE] but no finish_reason
+            raise UpstreamCut("The LLM server ended the stream without a finish_reason.")
+        if seen["typed"] and not seen["completed"]:
+            # midm_LLM_serving always ends an answer with `complete` (or `error`)
+            raise UpstreamCut("The LLM server ended the stream without its complete event.")
+        if midm:
+            inferred = midm_finish_reason(seen["usage"], self.body.get("max_new_tokens"), seen["counted"])
+            if seen["finish_reason"] is None or inferred == "length":
+                return [Chunk(finish_reason=inferred)]
+        return []
+
+    def _drain(self):
+        """After the last event: read the rest of the body if it comes at once
+        (the end of a chunked body), so that the connection can be kept.
+        An upstream that sends more, or holds its body open, loses it."""
+        deadline, left = time.monotonic() + DRAIN_SECONDS, DRAIN_BYTES
+        try:
+            while not self._body.ended and left > 0:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                left -= len(self._body.read(wait))
+        except (BodyCut, OSError):
+            pass
 
     def chunks(self):
-        """Yield the answer's Chunks as they arrive (after open())."""
-        r = self._response
-        whole = False   # the body was read to its end: the connection can be reused
+        """Yield the answer's Chunks as they arrive (after open()), blocking."""
+        while (chunks := self.read()) is not None:
+            yield from chunks
+
+    def whole(self):
+        """The one Chunk of an answer that was not streamed (after open())."""
+        r, whole = self._response, False
         try:
-            midm = self.upstream.protocol == "midm"
-            if not self.stream:
-                try:
-                    body = r.json()
-                except ValueError:
-                    raise UpstreamError("The LLM server's answer is not JSON.") from None
-                whole = True
-                chunk = parse_whole(self.upstream.protocol, body)
-                if midm and not body.get("finish_reason"):
-                    chunk.finish_reason = midm_finish_reason(chunk.usage, self.body.get("max_new_tokens"),
-                                                             chunk.completion_tokens)
-                yield chunk
-                return
-            finish_reason, typed, completed, usage, counted = None, False, False, None, None
-            for data in sse_data(lambda: r.raw.read1(READ_SIZE)):
-                chunk = parse_event(data)
-                if chunk is None:
-                    whole = self._drain(r)
-                    break
-                finish_reason = chunk.finish_reason or finish_reason
-                typed = typed or chunk.kind is not None
-                completed = completed or chunk.kind == "complete"
-                usage = chunk.usage or usage
-                if chunk.completion_tokens is not None:
-                    counted = chunk.completion_tokens
-                yield chunk
-            if not midm and finish_reason is None:
-                # e.g. llama.cpp ends an interrupted stream with [DONE] but no finish_reason
-                raise UpstreamCut("The LLM server ended the stream without a finish_reason.")
-            if typed and not completed:
-                # midm_LLM_serving always ends an answer with `complete` (or `error`)
-                raise UpstreamCut("The LLM server ended the stream without its complete event.")
-            if midm:
-                inferred = midm_finish_reason(usage, self.body.get("max_new_tokens"), counted)
-                if finish_reason is None or inferred == "length":
-                    yield Chunk(finish_reason=inferred)
+            try:
+                body = r.json()
+            except ValueError:
+                raise UpstreamError("The LLM server's answer is not JSON.") from None
+            whole = True
+            chunk = parse_whole(self.upstream.protocol, body)
+            if self.upstream.protocol == "midm" and not body.get("finish_reason"):
+                chunk.finish_reason = midm_finish_reason(chunk.usage, self.body.get("max_new_tokens"),
+                                                         chunk.completion_tokens)
+            return chunk
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             if self._aborted:
-                return
+                raise UpstreamCut("The request was aborted.") from None
             if isinstance(e, (requests.Timeout, urllib3.exceptions.ReadTimeoutError, socket.timeout)):
                 raise UpstreamTimeout("The LLM server stopped sending in time.") from None
             raise UpstreamCut("The LLM server broke off the answer.") from None
         finally:
             self._close(r, reuse=whole)
-
-    @staticmethod
-    def _drain(r):
-        """After the last event: read the rest of the body if it comes at once
-        (the end of a chunked body), so that the connection can be kept.
-        An upstream that sends more, or holds its body open, loses it."""
-        sock = getattr(getattr(r.raw, "_connection", None), "sock", None)
-        if sock is None:  # not a urllib3 connection's body (or already closed): nothing to keep
-            return False
-        try:
-            sock.settimeout(DRAIN_SECONDS)
-            left = DRAIN_BYTES
-            while left > 0:
-                data = r.raw.read1(READ_SIZE)
-                if not data:
-                    return True
-                left -= len(data)
-        except (OSError, urllib3.exceptions.HTTPError, ValueError):
-            pass
-        return False
 
     def _close(self, r, reuse=False):
         """Give the connection back to the pool (a body read whole) or close it.
@@ -497,6 +684,9 @@ class Call:
             self._finished = True
             try:
                 if reuse and not self._aborted and r.headers.get("Connection", "").lower() != "close":
+                    # http.client must count its response over (we read the body
+                    # ourselves, Body) before the connection takes another request.
+                    r.raw._fp.close()
                     r.raw.release_conn()
                 else:
                     r.close()

@@ -9,7 +9,7 @@ there into stored titles).
         assert fake_llm.requests[-1]["messages"][-1]["content"] == "Hello"
 
 Without a queued answer it says "ok". It stands in for chatbot.llm.Upstream:
-call() gives a Call with open(), chunks() and abort().
+call() gives a Call with open(), read(), chunks() and abort().
 """
 from collections import deque
 
@@ -40,7 +40,7 @@ class FakeCall:
     def __init__(self, stream, pieces, finish_reason, usage, error):
         self.stream = stream
         self.pieces, self.finish_reason, self.usage, self.error = pieces, finish_reason, usage, error
-        self.aborted = False
+        self.aborted = self.over = False
 
     def open(self):
         if self.error is not None:
@@ -55,6 +55,13 @@ class FakeCall:
                 return
             yield Chunk(piece)
         yield Chunk("", self.usage, self.finish_reason)
+
+    def read(self, timeout=None):
+        """The whole answer's chunks at the first read; None (the end) after."""
+        if self.over:
+            return None
+        self.over = True
+        return list(self.chunks())
 
     def abort(self):
         self.aborted = True
