@@ -59,12 +59,12 @@ def _open(config):
     if is_url(database):
         from . import pg
         return pg.borrow(str(database), config["DB_POOL_SIZE"])
-    return connect(database)
+    return sqlite.borrow(database, BUSY_TIMEOUT_MS, journal_size_limit)
 
 
 @contextmanager
 def connection(config):
-    """A connection for a moment, outside a request (from the pool on PostgreSQL)."""
+    """A connection for a moment, outside a request (from this process's pool)."""
     conn = _open(config)
     try:
         yield conn
@@ -93,7 +93,7 @@ def close_db(e=None):
 
 
 def write_surely(config, write, *args, seconds=60):
-    """write(conn, *args) on a fresh connection, again while the database is
+    """write(conn, *args) on a connection of its own, again while the database is
     busy or unreachable: for a write that must not be lost (a reply's final
     text). The write must be safe to repeat: the connection may break after
     its commit."""

@@ -2,6 +2,7 @@
 the pragmas it leaves off, one writer at a time, and sqlite3's errors turned
 into the store's."""
 import contextlib
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -47,10 +48,13 @@ class Result:
 class SqliteConnection:
     engine = "sqlite"
 
-    def __init__(self, raw):
+    def __init__(self, raw, pooled=None):
         self.raw = raw
+        self.pooled = pooled   # the database path whose pool close() gives the connection back to
 
     def execute(self, sql, params=()):
+        if self.raw is None:   # closed: given back to the pool, maybe lent to another request
+            raise StoreError("Cannot operate on a closed database connection.")
         try:
             cursor = self.raw.execute(sql, params)
             return Result(cursor.fetchall() if cursor.description else [], cursor.rowcount)
@@ -87,7 +91,48 @@ class SqliteConnection:
         """Nothing to do: BEGIN IMMEDIATE already serialises every write transaction."""
 
     def close(self):
-        self.raw.close()
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            _give_back(raw, self.pooled) if self.pooled else raw.close()
+
+
+# Idle connections of this process, by database path. Opening a connection (and
+# its pragmas) and closing it cost more than the rest of a short request's
+# database work; a request borrows one and gives it back.
+_idle, _idle_lock, _idle_pid = {}, threading.Lock(), os.getpid()
+_forked_away = []   # a parent's connections: never used, nor closed (closing may checkpoint its WAL)
+KEEP_IDLE = 16
+
+
+def borrow(path, busy_timeout_ms, journal_size_limit):
+    """A connection from this process's pool (a new one if none is idle); its close() gives it back."""
+    global _idle_pid
+    with _idle_lock:
+        if _idle_pid != os.getpid():
+            _forked_away.append(_idle.copy())
+            _idle.clear()
+            _idle_pid = os.getpid()
+        idle = _idle.get(path)
+        raw = idle.pop() if idle else None
+    if raw is None:
+        raw = connect(path, busy_timeout_ms, journal_size_limit).raw
+    return SqliteConnection(raw, pooled=path)
+
+
+def _give_back(raw, path):
+    try:
+        if raw.in_transaction:   # left open by an error: not the next borrower's
+            raw.rollback()
+    except sqlite3.Error:
+        raw.close()
+        return
+    with _idle_lock:
+        if _idle_pid == os.getpid():
+            idle = _idle.setdefault(path, [])
+            if len(idle) < KEEP_IDLE:
+                idle.append(raw)
+                return
+    raw.close()
 
 
 def connect(path, busy_timeout_ms, journal_size_limit):

@@ -160,3 +160,19 @@ def test_a_busy_database_does_not_break_or_lose_a_reply(app, client, session_id,
     assert stored[0]["status"] == "complete" and stored[0]["content"].endswith(f"단어{words} ")
     [session] = rows(app.config["DATABASE"], "SELECT generating_message_id FROM sessions")
     assert session["generating_message_id"] is None
+
+
+@pytest.mark.sqlite_only
+def test_a_sqlite_connection_is_borrowed_from_the_pool_and_given_back_clean(app):
+    with app.test_request_context():
+        first = db.get_db()
+        raw = first.raw
+        first.execute("BEGIN IMMEDIATE")   # an error left a transaction open
+        first.execute("INSERT INTO sessions (session_id, created_at, last_accessed)"
+                      " VALUES ('left-open', '2026-01-01', '2026-01-01')")
+    with app.test_request_context():
+        second = db.get_db()
+        # The same connection (no new one, no pragmas again), its transaction rolled back.
+        assert second.raw is raw and not raw.in_transaction
+        assert second.execute("SELECT * FROM sessions WHERE session_id = 'left-open'").fetchone() is None
+        assert second.execute("PRAGMA foreign_keys").fetchone()[0] == 1
