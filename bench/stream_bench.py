@@ -455,7 +455,7 @@ def main():
             if args.py_spy and concurrency == args.concurrency[-1]:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 spies = [(pid, subprocess.Popen(
-                    [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--nonblocking",
+                    [str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid), "--nonblocking", "--gil",
                      "--duration", str(int(args.py_spy)), "--format", "raw", "--output",
                      str(Path(args.out) / f"py-spy-{pid}.txt")],
                     stdout=subprocess.DEVNULL, stderr=open(Path(args.out) / f"py-spy-{pid}.log", "wb")))
