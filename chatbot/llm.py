@@ -261,6 +261,10 @@ class Body:
         else:
             self.phase, self.left = "close", 0
         self.chunked = chunked
+        # Non-blocking: a read tries the socket first and waits in poll only
+        # when nothing is there (under load something usually is: one system call).
+        self.timeout = sock.gettimeout()
+        sock.setblocking(False)
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
 
@@ -275,10 +279,15 @@ class Body:
         data = self._decode()
         if data or self.ended:
             return data
-        pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
-        if not pending and not self.poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
-            return b""
-        got = self.sock.recv(READ_SIZE)
+        try:
+            got = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            if not self.poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+                return b""
+            try:
+                got = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, ssl.SSLWantReadError):   # part of a TLS record
+                return b""
         if not got:
             if self.phase != "close":
                 raise BodyCut("the connection closed before the end of the body")
@@ -343,7 +352,7 @@ def _take_body(r):
         if head:
             fp.read1(len(head))
     finally:
-        sock.settimeout(timeout)
+        sock.settimeout(timeout)   # Body keeps it: restored when the connection goes back to the pool
     length = r.headers.get("Content-Length")
     chunked = "chunked" in r.headers.get("Transfer-Encoding", "").lower()
     try:
@@ -398,6 +407,9 @@ def _session():
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
     adapter.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
     session = requests.Session()
+    # The environment's proxy settings are read once (Upstream.proxies): requests
+    # would read them, and look for a .netrc, on every call.
+    session.trust_env = False
     session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -416,6 +428,7 @@ class Upstream:
         self.retries = int(config["LLM_CONNECT_RETRIES"])
         self.health_timeout = float(config["HEALTH_TIMEOUT"])
         self.session = _session()
+        self.proxies = requests.utils.get_environ_proxies(self.url)   # honours NO_PROXY
 
     def headers(self):
         headers = {"Accept-Encoding": "identity"}  # compressed SSE would be held back
@@ -516,7 +529,7 @@ class Call:
         _sending.call = self
         try:
             return self.upstream.session.post(self.url, json=self.body, headers=self.upstream.headers(),
-                                              stream=True, timeout=timeout)
+                                              proxies=self.upstream.proxies, stream=True, timeout=timeout)
         finally:
             _sending.call = None
 
@@ -687,6 +700,8 @@ class Call:
                     # http.client must count its response over (we read the body
                     # ourselves, Body) before the connection takes another request.
                     r.raw._fp.close()
+                    if self._body is not None:
+                        self._body.sock.settimeout(self._body.timeout)   # as urllib3 left it
                     r.raw.release_conn()
                 else:
                     r.close()

@@ -45,6 +45,12 @@ class ReplaySocket:
         os.write(write_end, b"x")
         os.close(write_end)
 
+    def gettimeout(self):
+        return None
+
+    def setblocking(self, flag):
+        pass
+
     def fileno(self):
         return self.read_end
 

@@ -22,6 +22,12 @@ class Pieces:
         os.write(write_end, b"x")
         os.close(write_end)
 
+    def gettimeout(self):
+        return None
+
+    def setblocking(self, flag):
+        pass
+
     def fileno(self):
         return self.fd
 

@@ -30,6 +30,7 @@ class KeepAliveLLM(socketserver.ThreadingTCPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.connections, self.requests, self.closed_by_client = 0, [], threading.Event()
+        self.request_lines = []
 
     @property
     def url(self):
@@ -43,6 +44,7 @@ class Handler(socketserver.StreamRequestHandler):
             head = self.rfile.readline()
             if not head:
                 return
+            self.server.request_lines.append(head)
             length = 0
             while (line := self.rfile.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode().partition(":")
@@ -130,3 +132,12 @@ def answer_with_first_dropped(up, server):
     finally:
         socket.socket.sendall = real
     return "".join(chunk.text for chunk in c.chunks())
+
+
+def test_the_proxy_of_the_environment_is_used(server, monkeypatch):
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.url)   # read once, when the Upstream is made
+    up = upstream("http://llm.invalid:9")
+    assert answer(up, "through the proxy") == "through the proxy"
+    assert server.request_lines[-1].startswith(b"POST http://llm.invalid:9/chat/stream HTTP/1.1")
