@@ -100,10 +100,19 @@ class Turn:
         return {"session_id": self.session_id, "user_message_id": self.user_message_id,
                 "message_id": self.reply_id}
 
-    def start(self):
+    def start(self, open_here=False):
+        """Start the reply: open the upstream call in this thread (`open_here`,
+        for a client about to follow it) or in a producer thread."""
         metrics.turn_started()
         MONITOR.add(self)
-        PRODUCERS.run(self._produce)
+        if not open_here:
+            PRODUCERS.run(self._produce)
+            return self
+        with self.reading:
+            opened = self._open()
+        if opened:
+            with self.cond:
+                self.reader, self.stepped = None, time.monotonic()   # the first follower to look takes it
         return self
 
     def end(self, status, finish_reason, error=None):
@@ -115,12 +124,14 @@ class Turn:
 
     # --- reading the upstream ---------------------------------------------------
     #
-    # One thread at a time reads the upstream: the producer thread opens the
-    # call, and then, as soon as a client of this process follows the reply,
-    # hands the reading to that client's own thread, which reads and relays
-    # each piece itself, with no hand-off between threads per piece. When that
-    # client leaves (or stops reading: a write blocked on a slow client), a
-    # producer thread reads on, so the reply never depends on a client.
+    # One thread at a time reads the upstream. A client of this process that
+    # follows the reply reads it in its own thread and relays each piece
+    # itself, with no hand-off between threads per piece: the client that
+    # started a stream opens the call too (start(open_here=True)). A producer
+    # thread reads when no client does (a whole answer, a client that left or
+    # stopped reading: a write blocked on a slow client), and hands the
+    # reading to the next client that follows, so the reply never depends on
+    # a client.
 
     def _produce(self):
         """Open the upstream call; then read it until a client takes that over."""

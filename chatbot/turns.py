@@ -118,13 +118,16 @@ def chat(body, owner, key=None, *, stream=True, client_gone=None, upstream_messa
         else:
             messages = context.trim(upstream_messages, budget)
         turn = Turn(cfg, current_app.extensions["upstream"], body.session_id, ids, messages, body.options(),
-                    stream=stream, keep_going=body.on_disconnect == "continue").start()
+                    stream=stream, keep_going=body.on_disconnect == "continue")
+        close_db()   # the request's connection goes back to the pool while the reply streams
+        # A stream is opened upstream in this thread, which waits for it anyway
+        # (first_event) and then reads it; a whole answer by a producer thread.
+        turn.start(open_here=stream)
     except BaseException:
         # Never leave the session marked as generating a reply nobody generates.
-        store.finish_turn(conn, body.session_id, ids["reply_id"], ids["fence"], "", "failed", None, None,
+        store.finish_turn(get_db(), body.session_id, ids["reply_id"], ids["fence"], "", "failed", None, None,
                           INTERNAL_ERROR)
         raise
-    close_db()   # the request's connection goes back to the pool while the reply streams
     return turn.follow(0, client_gone), False
 
 

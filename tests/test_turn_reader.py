@@ -30,9 +30,10 @@ def reply_of(app, session_id):
     return found[0] if found else None
 
 
-def test_the_clients_own_thread_reads_the_upstream(client, session_id, monkeypatch):
+def test_the_clients_own_thread_opens_and_reads_the_upstream(client, session_id, monkeypatch):
     counts = reads_by_thread(monkeypatch)
-    relay = {}
+    relay, opened_by, real_open = {}, [], llm.Call.open
+    monkeypatch.setattr(llm.Call, "open", lambda self: (opened_by.append(threading.get_ident()), real_open(self)))
 
     def stream():
         relay["thread"] = threading.get_ident()
@@ -40,8 +41,8 @@ def test_the_clients_own_thread_reads_the_upstream(client, session_id, monkeypat
                                                      "message": "@@words=20 @@delay=0.02"}).get_data(as_text=True)
     body = in_thread(stream)()
     assert "event: done" in body and body.count("event: delta") == 20
-    # Every piece of text was read by the thread that relayed it; the producer
-    # thread only opened the call.
+    # The call was opened, and every piece of text read, by the thread that relayed it.
+    assert opened_by == [relay["thread"]]
     assert counts == {relay["thread"]: counts[relay["thread"]]} and counts[relay["thread"]] >= 10
 
 
