@@ -11,10 +11,12 @@ import collections
 import re
 
 ROLES = (  # first match wins, looked for in the whole stack
-    ("turn producer", "_produce"),
+    ("turn producer thread", "Producers._serve"),
     ("turn monitor", "Monitor._run"),
-    ("request thread: SSE relay", " sse ("),
-    ("request thread: starting a turn", "chat_stream"),
+    ("request thread: opening the upstream call", "Turn.start ("),
+    ("request thread: starting a turn (the rest)", "chat_stream"),
+    ("request thread: reading the upstream", "Turn._step ("),
+    ("request thread: relaying (SSE)", " sse ("),
     ("request thread: other", "handle_request"),
     ("gunicorn main loop", "run_for_one"),
 )
