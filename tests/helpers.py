@@ -1,5 +1,6 @@
 """Small helpers shared by the test modules (fixtures live in conftest.py)."""
 import json
+import os
 import sqlite3
 import threading
 from datetime import datetime
@@ -115,3 +116,27 @@ def in_thread(fn, *args, **kwargs):
             raise result["error"]
         return result["value"]
     return wait
+
+
+class ScriptedSocket:
+    """A socket for chatbot.llm.Body in unit tests: each recv(n) returns
+    receive(n) (b"": the peer closed), and its descriptor is a pipe kept
+    readable, so that polling it always says more has come, as a busy network would."""
+
+    def __init__(self, receive):
+        self.receive = receive
+        self.fd, write_end = os.pipe()
+        os.write(write_end, b"x")
+        os.close(write_end)
+
+    def gettimeout(self):
+        return None
+
+    def setblocking(self, flag):
+        pass
+
+    def fileno(self):
+        return self.fd
+
+    def recv(self, n):
+        return self.receive(n)

@@ -1,13 +1,13 @@
 """The openai adapter on answers recorded from a real llama.cpp server
 (tests/data/llama_cpp/README.md says what each file is)."""
 import json
-import os
 from pathlib import Path
 
 import pytest
 import requests
 
 from chatbot import llm
+from helpers import ScriptedSocket
 
 DATA = Path(__file__).parent / "data" / "llama_cpp"
 CONFIG = {"LLM_URL": "http://llama.invalid", "LLM_PROTOCOL": "openai", "LLM_MODEL": "smollm2",
@@ -34,30 +34,6 @@ class Replay:
         pass
 
 
-class ReplaySocket:
-    """What the adapter reads a streamed body from (llm.Body): `recv` hands out
-    the recording `size` bytes at a time, and `fileno` is a pipe kept readable,
-    so that polling it always says "more has come", as a busy network would."""
-
-    def __init__(self, replay):
-        self.replay = replay
-        self.read_end, write_end = os.pipe()
-        os.write(write_end, b"x")
-        os.close(write_end)
-
-    def gettimeout(self):
-        return None
-
-    def setblocking(self, flag):
-        pass
-
-    def fileno(self):
-        return self.read_end
-
-    def recv(self, n):
-        return self.replay.read1(n)
-
-
 def recorded(name, status=200, content_type="text/event-stream; charset=utf-8", size=65536):
     response = requests.Response()
     response.status_code = status
@@ -70,7 +46,7 @@ def recorded(name, status=200, content_type="text/event-stream; charset=utf-8", 
 def answer(monkeypatch, response, stream=True):
     """A Call whose request is answered with `response`, opened."""
     monkeypatch.setattr(llm.Call, "_send", lambda *args, **kwargs: response)
-    monkeypatch.setattr(llm, "_take_body", lambda r: llm.Body(ReplaySocket(r.raw), b"", chunked=False, length=None))
+    monkeypatch.setattr(llm, "_take_body", lambda r: llm.Body(ScriptedSocket(r.raw.read1), b"", chunked=False, length=None))
     call = llm.Upstream(CONFIG).call([{"role": "user", "content": "Say hello."}], OPTIONS, stream=stream)
     call.open()
     return call

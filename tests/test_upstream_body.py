@@ -1,38 +1,20 @@
 """chatbot.llm.Body: a streamed answer's body read straight off the socket,
 with its transfer coding undone, whatever way the network splits it."""
-import os
 import socket
 import threading
 
 import pytest
 
 from chatbot.llm import Body, BodyCut
+from helpers import ScriptedSocket
 
 KOREAN = "안녕하세요, 반갑습니다! 🙂".encode()
 
 
-class Pieces:
-    """A socket whose reads hand out the given pieces, one per recv (b"" once
-    they are spent: the peer closed). Its descriptor is a pipe kept readable,
-    so that poll always says something came."""
-
-    def __init__(self, pieces):
-        self.pieces = list(pieces)
-        self.fd, write_end = os.pipe()
-        os.write(write_end, b"x")
-        os.close(write_end)
-
-    def gettimeout(self):
-        return None
-
-    def setblocking(self, flag):
-        pass
-
-    def fileno(self):
-        return self.fd
-
-    def recv(self, n):
-        return self.pieces.pop(0) if self.pieces else b""
+def pieces(*parts):
+    """A socket whose reads hand out `parts`, one per recv; then the peer closes."""
+    left = list(parts)
+    return ScriptedSocket(lambda n: left.pop(0) if left else b"")
 
 
 def read_all(body):
@@ -55,32 +37,32 @@ def split_at(data, cut):
 @pytest.mark.parametrize("cut", range(1, len(chunked(KOREAN[:7], KOREAN[7:]))))
 def test_a_chunked_body_split_anywhere_reads_whole(cut):
     data = chunked(KOREAN[:7], KOREAN[7:], trailer=b"X-Trailer: yes\r\n")
-    assert read_all(Body(Pieces(split_at(data, cut)), b"", chunked=True, length=None)) == KOREAN
+    assert read_all(Body(pieces(*split_at(data, cut)), b"", chunked=True, length=None)) == KOREAN
 
 
 def test_the_first_bytes_may_come_with_the_headers():
     data = chunked(b"data: one\n\n", b"data: two\n\n")
-    body = Body(Pieces([data[10:]]), data[:10], chunked=True, length=None)
+    body = Body(pieces(data[10:]), data[:10], chunked=True, length=None)
     assert read_all(body) == b"data: one\n\ndata: two\n\n"
 
 
 def test_bytes_after_the_end_of_a_chunked_body_are_not_its_own():
-    body = Body(Pieces([chunked(b"abc") + b"HTTP/1.1 200 OK\r\n"]), b"", chunked=True, length=None)
+    body = Body(pieces(chunked(b"abc") + b"HTTP/1.1 200 OK\r\n"), b"", chunked=True, length=None)
     assert read_all(body) == b"abc"
 
 
 def test_a_content_length_body_ends_at_its_length():
-    body = Body(Pieces([b"hello", b" world and more"]), b"", chunked=False, length=11)
+    body = Body(pieces(b"hello", b" world and more"), b"", chunked=False, length=11)
     assert read_all(body) == b"hello world"
-    assert Body(Pieces([]), b"", chunked=False, length=0).ended
+    assert Body(pieces(), b"", chunked=False, length=0).ended
 
 
 def test_a_body_without_length_ends_when_the_connection_closes():
-    body = Body(Pieces([KOREAN[:5], KOREAN[5:]]), b"", chunked=False, length=None)
+    body = Body(pieces(KOREAN[:5], KOREAN[5:]), b"", chunked=False, length=None)
     assert read_all(body) == KOREAN
 
 
-@pytest.mark.parametrize("pieces, chunked_, length", [
+@pytest.mark.parametrize("parts, chunked_, length", [
     ([b"5\r\nabc"], True, None),              # closed inside a chunk
     ([b"5\r\nabcde\r\n"], True, None),        # closed before the last chunk
     ([b"zz\r\nabc\r\n"], True, None),         # a size that is not hexadecimal
@@ -88,8 +70,8 @@ def test_a_body_without_length_ends_when_the_connection_closes():
     ([b"x" * 5000], True, None),              # a size line with no end
     ([b"hello"], False, 10),                  # closed before Content-Length bytes came
 ])
-def test_a_body_cut_short_or_malformed_is_cut(pieces, chunked_, length):
-    body = Body(Pieces(pieces), b"", chunked=chunked_, length=length)
+def test_a_body_cut_short_or_malformed_is_cut(parts, chunked_, length):
+    body = Body(pieces(*parts), b"", chunked=chunked_, length=length)
     with pytest.raises(BodyCut):
         read_all(body)
 
