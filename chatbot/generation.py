@@ -297,11 +297,12 @@ class Turn:
                 last = self.subscribers == 0 and self.terminal is None
                 if last:
                     self.left_at = time.monotonic()
-                if self.reader is me:
-                    if self.over:
-                        self.reader = None
-                    else:
-                        self._hand_to_producer()
+                # Reading: a client that read, or the last one leaving before any
+                # client took the reading up, leaves it to a producer thread.
+                if (self.reader is me or (self.reader is None and not self.subscribers)) and not self.over:
+                    self._hand_to_producer()
+                elif self.reader is me:
+                    self.reader = None
             if last and not self.keep_going and self.config["RESUME_GRACE"] <= 0:
                 self.end("incomplete", "client_gone", CLIENT_GONE)
 
