@@ -1,7 +1,8 @@
 """The upstream LLM server: one client, two small protocol adapters.
 
-`Upstream.call(...)` returns a `Call` whose `chunks()` yields `Chunk`s as the
-network delivers them, for either protocol, streamed or not. Every failure
+`Upstream.call(...)` returns a `Call`: after `open()`, `read(timeout)` gives
+the `Chunk`s the network delivered within `timeout` (`chunks()` yields them
+all, blocking), for either protocol, streamed or not. Every failure
 becomes one of three typed errors. `Call.abort()` (from any thread) closes the
 connection, which is how a client that left or a stop request reaches the
 upstream, even while it has not answered yet.
