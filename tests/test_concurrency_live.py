@@ -48,7 +48,7 @@ def test_200_concurrent_streams_all_complete_and_none_starves(start_server):
     assert not failures, failures[:3]
     for status, events, _, _ in results:
         assert status == 200
-        assert events[-1][0] == "done" and events[-1][1]["status"] == "complete"
+        assert events[-1][0] == "done" and events[-1][1]["status"] == "complete", [e for e in events if e[0] != "delta"][-1]
         assert "".join(e[1]["content"] for e in events if e[0] == "delta") == events[-1][1]["content"]
     # No stream waited for another to finish: every one had started before any
     # ended (each lasts 16 s: far longer than the connection storm of 200 takes,
