@@ -112,7 +112,7 @@ class Turn:
             opened = self._open()
         if opened:
             with self.cond:
-                self.reader, self.stepped = None, time.monotonic()   # the first follower to look takes it
+                self._leave_reading_to_clients()
         return self
 
     def end(self, status, finish_reason, error=None):
@@ -143,12 +143,15 @@ class Turn:
         while not self.over:
             with self.cond:
                 if self.subscribers and self.call.stream and not self.stalled:
-                    # the first follower to look takes it
-                    self.reader, self.stepped = None, time.monotonic()
-                    self.cond.notify_all()
+                    self._leave_reading_to_clients()
                     return
             with self.reading:
                 self._step(None)
+
+    def _leave_reading_to_clients(self):
+        """(under cond) The first follower to look takes the reading up."""
+        self.reader, self.stepped = None, time.monotonic()
+        self.cond.notify_all()
 
     def _hand_to_producer(self, stalled=False):
         """(under cond) A producer thread reads from now on; for good when a

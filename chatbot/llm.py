@@ -603,9 +603,8 @@ class Call:
                     break
                 self._note(chunk)
                 chunks.append(chunk)
-            else:
-                if not done:
-                    return chunks
+            if not done:
+                return chunks
             chunks += self._last_chunks()
             self._over = True
             self._close(self._response, reuse=self._body.ended)
