@@ -480,8 +480,10 @@ class Monitor:
                 if self.thread is not None and self.pid == os.getpid():
                     log.error("turn monitor: the thread had died; starting it again")
                 self.pid = os.getpid()
-                self.thread = threading.Thread(target=self._run, daemon=True, name="turn-monitor")
-                self.thread.start()
+                # Published once started, so nobody sees a thread not yet alive.
+                thread = threading.Thread(target=self._run, daemon=True, name="turn-monitor")
+                thread.start()
+                self.thread = thread
 
     def listen_for_stops(self, database):
         """On PostgreSQL, one connection per process LISTENs for stop requests

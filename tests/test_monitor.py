@@ -1,5 +1,6 @@
 """The turn monitor is supervised: a failure costs one round, never the saves
 of running replies for good, and a monitor thread that died is started again."""
+import os
 import threading
 
 from chatbot import generation, store
@@ -40,9 +41,11 @@ def test_a_monitor_thread_that_died_is_started_again(app, client, session_id, mo
     dead.start()
     dead.join()
     monkeypatch.setattr(generation.MONITOR, "thread", dead)
+    monkeypatch.setattr(generation.MONITOR, "pid", os.getpid())   # died here, not in a parent
     reply = in_thread(lambda: client.post("/api/chat/stream", json={
         "session_id": session_id, "message": "@@words=40 @@delay=0.05"}).get_data(as_text=True))
     reply_id = wait_for(lambda: pending_reply(app))
-    assert generation.MONITOR.thread is not dead and generation.MONITOR.thread.is_alive()
+    # The reply row is written just before the turn joins the monitor: wait for that too.
+    assert wait_for(lambda: generation.MONITOR.thread is not dead and generation.MONITOR.thread.is_alive())
     assert wait_for(lambda: "단어3 " in logged_text(app, reply_id), timeout=5)
     assert "event: done" in reply()
