@@ -27,6 +27,17 @@ if __name__ == "__config__":
     for _name in [m for m in sys.modules if m in ("chatbot", "wsgi") or m.startswith("chatbot.")]:
         del sys.modules[_name]
 
+# glibc's malloc gives every thread a cache of freed blocks (tcache) and up
+# to eight arenas per core. With a thread per open stream that was most of a
+# stream's memory: 240 KB per open stream with them, about 110 KB without
+# (bench/README.md). Tunables are read when a process starts, so the master
+# runs itself again, once, with them (workers inherit them), unless the
+# operator set GLIBC_TUNABLES already. Other C libraries ignore the variable.
+MALLOC_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=2"
+if __name__ == "__config__" and "GLIBC_TUNABLES" not in os.environ:
+    os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
 from dotenv import dotenv_values  # noqa: E402
 
 import chatbot  # noqa: E402

@@ -88,6 +88,29 @@ def test_threads_and_graceful_timeout_from_gunicorns_options_are_the_ones_used(s
     assert name == "done" and done["status"] == "incomplete" and done["finish_reason"] == "shutdown"
 
 
+def tunables_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    return variables.get(b"GLIBC_TUNABLES", b"").decode()
+
+
+def test_workers_run_without_glibcs_per_thread_malloc_caches(start_server):
+    # A thread per open stream, each with its own cache of freed blocks, was
+    # most of a stream's memory (bench/README.md). The master runs itself
+    # again with the tunables: the same process, so the pid is the one started.
+    server = start_server(CHATBOT_WORKERS="1")
+    (worker,) = server.worker_pids()
+    assert "glibc.malloc.tcache_count=0" in tunables_of(server.proc.pid).split(":")
+    assert "glibc.malloc.tcache_count=0" in tunables_of(worker).split(":")
+    assert server.get("/api/health")["database"]["ok"]
+
+
+def test_an_operators_own_glibc_tunables_are_left_as_they_are(start_server):
+    server = start_server(CHATBOT_WORKERS="1", GLIBC_TUNABLES="glibc.malloc.tcache_count=3")
+    (worker,) = server.worker_pids()
+    assert tunables_of(worker) == "glibc.malloc.tcache_count=3"
+
+
 def project_copy(tmp_path):
     """The service's files in a directory of their own, to change them."""
     app = tmp_path / "app"
