@@ -21,6 +21,7 @@ renews their leases, reads stop requests, and ends a turn that timed out, was
 stopped, lost its lease or has had no listener for CHATBOT_RESUME_GRACE
 seconds, by aborting its upstream call (which wakes the producer's read).
 """
+import array
 import bisect
 import ctypes
 import ctypes.util
@@ -78,7 +79,9 @@ class Turn:
         self.call = upstream.call(messages, options, stream=stream)
         self.keep_going = keep_going      # "on_disconnect": "continue"
         self.cond = threading.Condition()
-        self.texts, self.ends = [], []    # the reply's pieces, and the position after each
+        # The reply's pieces, and the position after each (machine integers:
+        # a long reply holds thousands, and Python ints cost 4 times as much).
+        self.texts, self.ends = [], array.array("q")
         self.logged = 0                   # how many pieces the database has
         self.started = False              # the upstream accepted the request
         self.terminal = None              # (kind, value) once the reply is stored
