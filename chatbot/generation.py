@@ -70,6 +70,57 @@ def lease_owner():
 _owner = None
 
 
+class Pieces:
+    """A reply's text as it arrived: each piece, and the position after it.
+
+    A piece kept as a str of its own costs about 80 bytes for a few
+    characters, and a Python int as much again: a long reply held thousands
+    of them. So the positions are machine integers, and the older pieces'
+    text is folded into one string every FOLD pieces (slices of it give the
+    pieces back)."""
+
+    FOLD = 64
+
+    def __init__(self):
+        self.ends = array.array("q")   # the position after each piece, in code points
+        self.folded = ""               # the text of the pieces before `recent`
+        self.recent = []               # the latest pieces, each its own str
+
+    def __len__(self):
+        return len(self.ends)
+
+    @property
+    def length(self):
+        return self.ends[-1] if self.ends else 0
+
+    def append(self, text):
+        self.ends.append(self.length + len(text))
+        self.recent.append(text)
+        if len(self.recent) >= self.FOLD:
+            self.folded += "".join(self.recent)
+            self.recent = []
+
+    def text(self, start=0, end=None):
+        """The text between two positions (all of it by default)."""
+        folded = len(self.folded)
+        if end is not None and end <= folded:
+            return self.folded[start:end]
+        recent = "".join(self.recent)[:None if end is None else end - folded]
+        return recent[start - folded:] if start >= folded else self.folded[start:] + recent
+
+    def after(self, position):
+        """[(end, text)] of the pieces that end after `position` (the first one whole)."""
+        first = bisect.bisect_right(self.ends, position)
+        start = self.ends[first - 1] if first else 0
+        folded = len(self.ends) - len(self.recent)   # pieces in `folded`
+        pieces = []
+        for i in range(first, len(self.ends)):
+            end = self.ends[i]
+            pieces.append((end, self.folded[start:end] if i < folded else self.recent[i - folded]))
+            start = end
+        return pieces
+
+
 class Turn:
     def __init__(self, config, upstream, session_id, ids, messages, options, stream=True, keep_going=False):
         self.config = config
@@ -79,10 +130,8 @@ class Turn:
         self.call = upstream.call(messages, options, stream=stream)
         self.keep_going = keep_going      # "on_disconnect": "continue"
         self.cond = threading.Condition()
-        # The reply's pieces, and the position after each (machine integers:
-        # a long reply holds thousands, and Python ints cost 4 times as much).
-        self.texts, self.ends = [], array.array("q")
-        self.logged = 0                   # how many pieces the database has
+        self.pieces = Pieces()            # the reply's text as it arrived
+        self.logged = 0                   # the position up to which the database has it
         self.started = False              # the upstream accepted the request
         self.terminal = None              # (kind, value) once the reply is stored
         self.ending = None                # (status, finish_reason, error) when ended from outside
@@ -206,11 +255,8 @@ class Turn:
             if self.last_text is None:
                 metrics.first_token(now - self.began)
             with self.cond:
-                length = self.length
                 for text in texts:
-                    length += len(text)
-                    self.texts.append(text)
-                    self.ends.append(length)
+                    self.pieces.append(text)
                 self.last_text = now
                 self.cond.notify_all()
 
@@ -228,11 +274,11 @@ class Turn:
 
     @property
     def length(self):
-        return self.ends[-1] if self.ends else 0
+        return self.pieces.length
 
     def _store(self, outcome):
         status, finish_reason, error = outcome
-        text = "".join(self.texts)
+        text = self.pieces.text()
         if status == "incomplete" and not text:
             # A reply with no text is failed, whatever ended it, and says why.
             status, error = "failed", error or STOPPED_BEFORE_TEXT
@@ -270,14 +316,14 @@ class Turn:
         """The upstream's usage when it gave one, else our estimate, marked as such:
         "estimated": true when every count is ours, "estimated_fields" naming ours
         when the upstream counted the completion alone."""
-        if self.usage or not self.texts:
+        if self.usage or not self.pieces:
             return self.usage
         prompt = context.count_tokens(self.messages)
         if self.completion_tokens is not None:
             return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
                     "total_tokens": prompt + self.completion_tokens,
                     "estimated_fields": ["prompt_tokens", "total_tokens"]}
-        completion = len(self.texts) if self.call.stream else context.estimate_tokens("".join(self.texts))
+        completion = len(self.pieces) if self.call.stream else context.estimate_tokens(self.pieces.text())
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion, "estimated": True}
 
@@ -334,8 +380,7 @@ class Turn:
                         and (announced or not self.started)):
                     self.cond.wait(TICK)
                 started, terminal, length = self.started, self.terminal, self.length
-                first = bisect.bisect_right(self.ends, sent)
-                pieces = list(zip(self.ends[first:], self.texts[first:]))
+                pieces = self.pieces.after(sent)
             if started and not announced:
                 announced = True
                 yield "start", self.ids, None
@@ -564,17 +609,17 @@ class Monitor:
         pieces = []
         for turn in group:
             with turn.cond:
-                count = len(turn.texts)
-                if count > turn.logged:
-                    pieces.append((turn, count, turn.ends[-1], "".join(turn.texts[turn.logged:count])))
+                end = turn.pieces.length
+                if end > turn.logged:
+                    pieces.append((turn, end, turn.pieces.text(turn.logged, end)))
         if pieces or renew:
             lost = store.save_progress(conn, lease_owner(), lease,
-                                       [(t.reply_id, t.fence, end, text) for t, _, end, text in pieces],
+                                       [(t.reply_id, t.fence, end, text) for t, end, text in pieces],
                                        [(t.reply_id, t.fence) for t in group] if renew else [])
             if renew:
                 state["renewed"] = now
-            for turn, count, _, _ in pieces:
-                turn.logged = count
+            for turn, end, _ in pieces:
+                turn.logged = end
             for turn in group:
                 if turn.reply_id in lost and turn.terminal is None:
                     turn.end("incomplete", None, store.WORKER_LOST)
