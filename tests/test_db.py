@@ -176,3 +176,23 @@ def test_a_sqlite_connection_is_borrowed_from_the_pool_and_given_back_clean(app)
         assert second.raw is raw and not raw.in_transaction
         assert second.execute("SELECT * FROM sessions WHERE session_id = 'left-open'").fetchone() is None
         assert second.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_a_new_sqlite_database_opened_by_two_processes_at_once_waits_for_wal(tmp_path):
+    # Two workers starting on a new database: the first turns on WAL (which needs
+    # the file to itself for a moment); SQLite answers the second "locked" at
+    # once, without its busy wait, and the worker failed to boot.
+    import sqlite3
+    from chatbot import sqlite
+    path = str(tmp_path / "new.sqlite")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")   # the other worker creating the tables
+    threading.Timer(0.3, other.execute, ("COMMIT",)).start()
+    conn = sqlite.connect(path, busy_timeout_ms=5000, journal_size_limit=1 << 20)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+        other.close()
