@@ -5,10 +5,9 @@ import contextlib
 import os
 import sqlite3
 import threading
-import time
 from contextlib import contextmanager
 
-from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable
+from .store.base import Conflict, StoreBusy, StoreError, StoreUnavailable, when_not_busy
 
 # SQLite has one writer at a time. Threads of one process queue for it here, in
 # order, instead of in SQLite's busy handler, which polls with sleeps and lets a
@@ -136,22 +135,6 @@ def _give_back(raw, path):
     raw.close()
 
 
-def _use_wal(conn, busy_timeout_ms):
-    """Turn on WAL (kept in the file: a no-op once it is on). On a new database
-    it needs the file to itself for a moment, and SQLite answers "locked" at
-    once, without its busy wait, while another connection is writing (two
-    workers starting on a new database at once): so wait here."""
-    deadline = time.monotonic() + busy_timeout_ms / 1000
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except StoreBusy:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def connect(path, busy_timeout_ms, journal_size_limit):
     """A connection with the pragmas SQLite leaves off by default (they are per
     connection, so every connection goes through here). isolation_level=None:
@@ -165,7 +148,11 @@ def connect(path, busy_timeout_ms, journal_size_limit):
     conn = SqliteConnection(raw)
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    _use_wal(conn, busy_timeout_ms)
+    # WAL is kept in the file: a no-op once it is on. On a new database it needs
+    # the file to itself for a moment, and SQLite answers "locked" at once,
+    # without its busy wait, while another connection writes (two workers
+    # starting on a new database at once): so wait here.
+    when_not_busy(conn.execute, "PRAGMA journal_mode = WAL", seconds=busy_timeout_ms / 1000)
     conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL, far fewer fsyncs
     conn.execute(f"PRAGMA journal_size_limit = {int(journal_size_limit)}")  # the WAL shrinks back after a burst
     return conn
