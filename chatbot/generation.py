@@ -293,6 +293,13 @@ class Turn:
         except Exception:
             log.exception("turn %s: the reply could not be stored", self.reply_id)
             message = None
+        try:
+            # The session's conversation digest follows every turn, so that an
+            # OpenAI-style request that continues it finds it (store/conversations.py).
+            if message is not None:
+                db.write_surely(self.config, store.refresh_conversation_hash, self.session_id, seconds=10)
+        except Exception:   # the reply is stored: a stale digest only means a new session later
+            log.exception("turn %s: the conversation digest could not be refreshed", self.reply_id)
         finally:
             MONITOR.remove(self)
         if message is None:

@@ -6,7 +6,7 @@ Write transactions are short and never span a call to the upstream.
 """
 from .base import (Conflict, StoreBusy, StoreError, StoreUnavailable, checkpoint, is_busy, new_id, now_iso,  # noqa: F401
                    transaction, when_not_busy)
-from .conversations import find_by_conversation  # noqa: F401
+from .conversations import find_by_conversation, refresh_conversation_hash  # noqa: F401
 from .keys import (active_api_key_named, find_api_key, insert_api_key, list_api_keys, revoke_api_key,  # noqa: F401
                    server_secret)
 from .quotas import session_count, stored_bytes  # noqa: F401

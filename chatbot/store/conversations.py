@@ -9,6 +9,8 @@ the stored messages.
 import hashlib
 import json
 
+from .base import transaction
+
 
 def canonical(messages):
     """The conversation as an OpenAI client holds it: user and assistant
@@ -44,10 +46,10 @@ def _stored(db, session_id):
 
 
 def refresh_conversation_hash(db, session_id):
-    """Recompute a session's digest from its stored messages, in the caller's
-    write transaction (the one that stores a turn's reply)."""
+    """Recompute a session's digest from its stored messages (after a turn or an import)."""
     digest = conversation_hash(_stored(db, session_id))
-    db.execute("UPDATE sessions SET conversation_hash = ? WHERE session_id = ?", (digest, session_id))
+    with transaction(db):
+        db.execute("UPDATE sessions SET conversation_hash = ? WHERE session_id = ?", (digest, session_id))
 
 
 def find_by_conversation(db, owner, messages):

@@ -12,7 +12,6 @@ import json
 import time
 
 from .base import SessionGone, ago_iso, now_iso, transaction
-from .conversations import refresh_conversation_hash
 from .sessions import _insert_message, _touch, get_message, make_title, message_dict
 
 STOP_CHANNEL = "chatbot_stop"   # PostgreSQL's NOTIFY channel for stop requests
@@ -192,11 +191,9 @@ def request_stop(db, session_id):
 
 
 def finish_turn(db, session_id, reply_id, fence, content, status, token_usage, finish_reason, error=None):
-    """Store the final reply, drop its log, refresh the session's conversation
-    digest (so that an OpenAI-style request continuing it finds it) and release
-    the lease, in one transaction; nothing happens when the lease is no longer
-    held with this fence (the reply was recovered as worker_lost). Returns the
-    stored reply."""
+    """Store the final reply, drop its log and release the lease, in one
+    transaction; nothing happens when the lease is no longer held with this
+    fence (the reply was recovered as worker_lost). Returns the stored reply."""
     with transaction(db):
         held = db.execute("UPDATE sessions SET generating_message_id = NULL, lease_owner = NULL,"
                           " lease_expires = NULL, stop_requested = 0, watched_until = NULL"
@@ -210,7 +207,6 @@ def finish_turn(db, session_id, reply_id, fence, content, status, token_usage, f
                  json.dumps(error, ensure_ascii=False) if error else None, reply_id),
             )
             db.execute("DELETE FROM reply_log WHERE message_id = ?", (reply_id,))
-            refresh_conversation_hash(db, session_id)
     return get_message(db, reply_id)
 
 
