@@ -178,3 +178,46 @@ def test_prune_keeps_recent_activity(conn):
     before = activity(conn, sid)
     store.prune(conn, 3600)
     assert activity(conn, sid) == before
+
+
+# --- the sweep recovers only leases that are still expired ---------------------
+
+class RenewedMeanwhile:
+    """A connection on which the owner renews its lease (the monitor, in another
+    process) just after the sweep read the expired leases."""
+
+    def __init__(self, conn, renew):
+        self.conn, self.renew, self.engine = conn, renew, conn.engine
+
+    def execute(self, sql, params=()):
+        result = self.conn.execute(sql, params)
+        if sql.startswith("SELECT session_id, generating_message_id, lease_owner, lease_expires"):
+            self.renew()
+        return result
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_the_sweep_leaves_a_lease_renewed_after_it_looked(app, conn):
+    sid = new_session(conn)
+    turn = store.begin_turn(conn, sid, "question", lease_owner="host:1:live", lease_seconds=-1)   # expired
+    other = db.connect(app.config["DATABASE"])
+    try:
+        renew = lambda: store.save_progress(other, "host:1:live", 15, [], [(turn["reply_id"], turn["fence"])])
+        store.recover_dead_generations(RenewedMeanwhile(conn, renew))
+    finally:
+        other.close()
+    assert store.get_message(conn, turn["reply_id"])["status"] == "pending"
+    assert conn.execute("SELECT generating_message_id FROM sessions WHERE session_id = ?",
+                        (sid,)).fetchone()[0] == turn["reply_id"]
+    store.recover_dead_generations(conn)   # still alive: nothing to do
+    assert store.get_message(conn, turn["reply_id"])["status"] == "pending"
+
+
+def test_the_sweep_recovers_an_expired_lease(conn):
+    sid = new_session(conn)
+    turn = store.begin_turn(conn, sid, "question", lease_owner="host:1:dead", lease_seconds=-1)
+    store.recover_dead_generations(conn)
+    reply = store.get_message(conn, turn["reply_id"])
+    assert reply["status"] == "failed" and reply["error"]["code"] == "worker_lost"

@@ -271,7 +271,14 @@ def recover_dead_generations(db, lease_owner_prefix=None):
         dead = lease_owner_prefix is not None and (row["lease_owner"] or "").startswith(lease_owner_prefix)
         if dead or (row["lease_expires"] or 0) < now:
             with transaction(db):
-                _recover(db, row["session_id"], row["generating_message_id"])
+                # Again, on the row itself (PostgreSQL waits for its lock, then reads it anew): an owner that
+                # renewed its lease since the look above is alive, and its reply goes on.
+                if db.execute("UPDATE sessions SET lease_expires = lease_expires WHERE session_id = ?"
+                              " AND generating_message_id = ? AND (lease_expires IS NULL OR lease_expires < ?"
+                              " OR lease_owner = ?)",
+                              (row["session_id"], row["generating_message_id"], now,
+                               row["lease_owner"] if dead else None)).rowcount:
+                    _recover(db, row["session_id"], row["generating_message_id"])
     # Pending replies whose marker is gone (should not happen, but never leave one pending).
     with transaction(db):
         db.execute(
